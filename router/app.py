@@ -1,0 +1,118 @@
+"""HTTP API (litestar): thin handlers over the routing engine; every error is one JSON error model."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar, Request, Response, get, post
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import OpenAPIConfig
+from litestar.response import Stream
+from litestar.status_codes import HTTP_200_OK, HTTP_500_INTERNAL_SERVER_ERROR
+
+from router.engine import RoutingEngine
+from router.errors import RouterError
+from router.protocol import ChatCompletionRequest, ErrorBody, ErrorResponse, RewardRequest, RewardResponse, RouteResponse
+
+log = logging.getLogger("llm_router")
+
+DECISION_HEADER = "X-Router-Decision-Id"
+
+
+def _error(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> Response[dict[str, Any]]:
+    body = ErrorResponse(error=ErrorBody(message=message, type=type_, code=status))
+    return Response(body.model_dump(), status_code=status, headers=headers)
+
+
+def _router_error(_: Request[Any, Any, Any], exc: RouterError) -> Response[dict[str, Any]]:
+    return _error(exc.status, exc.type, exc.message)
+
+
+def _validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[dict[str, Any]]:
+    details = exc.extra if isinstance(exc.extra, list) else []
+    parts = []
+    for item in details:
+        if isinstance(item, dict):
+            key = item.get("key") or ""
+            parts.append(f"{key}: {item.get('message')}" if key else str(item.get("message")))
+    message = "; ".join(parts) or str(exc.detail)
+    return _error(400, "invalid_request_error", f"invalid request body: {message}")
+
+
+def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
+    return _error(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "internal_error", str(exc.detail), exc.headers)
+
+
+def _unexpected_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _error(HTTP_500_INTERNAL_SERVER_ERROR, "internal_error", "internal error; see the router's log")
+
+
+@post("/v1/chat/completions", status_code=HTTP_200_OK, summary="OpenAI chat completion, routed")
+async def chat_completions(data: ChatCompletionRequest, engine: RoutingEngine) -> Response[Any]:
+    if data.stream:
+        events, info = await engine.chat_stream(data)
+        return Stream(events, media_type="text/event-stream", headers={DECISION_HEADER: info.decision_id, "Cache-Control": "no-cache"})
+    body, info = await engine.chat(data)
+    return Response(body, headers={DECISION_HEADER: info.decision_id})
+
+
+@post("/v1/route", status_code=HTTP_200_OK, summary="The routing decision alone, no generation")
+async def route(data: ChatCompletionRequest, engine: RoutingEngine) -> Response[RouteResponse]:
+    info = await engine.route(data)
+    return Response(RouteResponse(router=info), headers={DECISION_HEADER: info.decision_id})
+
+
+@post("/v1/rewards", status_code=HTTP_200_OK, summary="Feedback for a decision: reward in [0,1] or a preference")
+async def rewards(data: RewardRequest, engine: RoutingEngine) -> RewardResponse:
+    return await engine.feedback(data)
+
+
+@get("/v1/policies/stats", summary="Per-policy and per-backend statistics")
+async def policy_stats(engine: RoutingEngine) -> dict[str, Any]:
+    return await engine.stats()
+
+
+@get("/v1/backends", summary="Backends, their health and vLLM queue depth")
+async def backends(engine: RoutingEngine) -> dict[str, Any]:
+    return {"backends": engine.pool.describe()}
+
+
+@get("/health", summary="Liveness and backend availability")
+async def health(engine: RoutingEngine) -> dict[str, Any]:
+    up = [s.spec.name for s in engine.pool.eligible()]
+    return {"status": "ok" if up else "degraded", "backends_up": up, "active_policy": engine.active_policy}
+
+
+@get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4")
+async def metrics(engine: RoutingEngine) -> bytes:
+    return engine.metrics.render()
+
+
+def create_app(engine: RoutingEngine) -> Litestar:
+    @asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.close()
+
+    async def provide_engine() -> RoutingEngine:
+        return engine
+
+    return Litestar(
+        route_handlers=[chat_completions, route, rewards, policy_stats, backends, health, metrics],
+        dependencies={"engine": provide_engine},
+        lifespan=[lifespan],
+        exception_handlers={
+            RouterError: _router_error,
+            ValidationException: _validation_error,
+            HTTPException: _http_error,
+            Exception: _unexpected_error,
+        },
+        openapi_config=OpenAPIConfig(title="llm-router", version="0.1.0"),
+    )

@@ -1,0 +1,90 @@
+"""`llm-router`: serve, migrate."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from router.config import ConfigError, RouterConfig, load_config
+
+
+def _load(args: argparse.Namespace) -> RouterConfig:
+    try:
+        return load_config(args.config or os.environ.get("LLM_ROUTER_CONFIG"))
+    except ConfigError as exc:
+        print(f"llm-router: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
+def launch_targets(config: RouterConfig) -> list:
+    from backends.launcher import LaunchTarget
+
+    return [
+        LaunchTarget(
+            name=b.name, base_url=b.base_url, served_model_name=b.model, kind=b.managed, model=b.launch_model,
+            cpu_core=b.cpu_core, gpu_ids=tuple(b.gpu_ids), extra_args=tuple(b.extra_args),
+        )
+        for b in config.backends
+        if b.managed
+    ]
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from backends.launcher import BackendLauncher, LaunchError
+    from router.app import create_app
+    from router.engine import RoutingEngine
+
+    config = _load(args)
+    host = args.host or config.server.host
+    port = args.port or config.server.port
+    launcher = BackendLauncher(launch_targets(config), Path(os.environ.get("LLM_ROUTER_LOG_DIR", "var/logs")))
+    try:
+        if launcher.targets:
+            print(f"llm-router: starting {len(launcher.targets)} managed backends ...", file=sys.stderr, flush=True)
+            launcher.start()
+            launcher.wait_ready()
+        engine = RoutingEngine(config)
+        print(f"llm-router: serving on http://{host}:{port} (policy {config.default_policy})", file=sys.stderr, flush=True)
+        uvicorn.run(create_app(engine), host=host, port=port, log_level=os.environ.get("LLM_ROUTER_LOG_LEVEL", "INFO").lower())
+    except LaunchError as exc:
+        print(f"llm-router: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        launcher.stop()
+    return 0
+
+
+def migrate_command(args: argparse.Namespace) -> int:
+    from router.db import create_db_engine, migrate
+
+    config = _load(args)
+    engine = create_db_engine(config.database_url)
+    migrate(engine)
+    print(f"llm-router: database at head ({engine.url.render_as_string(hide_password=True)})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("llm_router").setLevel(os.environ.get("LLM_ROUTER_LOG_LEVEL", "INFO").upper())
+    parser = argparse.ArgumentParser(prog="llm-router", description="Online-learning router for LLM serving.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser("serve", help="run the service (and the backends it manages)")
+    serve_parser.add_argument("--config", help="TOML config file (default: embedded defaults)")
+    serve_parser.add_argument("--host")
+    serve_parser.add_argument("--port", type=int)
+    serve_parser.set_defaults(run=serve)
+    migrate_parser = commands.add_parser("migrate", help="upgrade the database schema to head")
+    migrate_parser.add_argument("--config")
+    migrate_parser.set_defaults(run=migrate_command)
+    args = parser.parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

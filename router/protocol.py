@@ -1,0 +1,123 @@
+"""Request and response models of the HTTP API (OpenAI-compatible where OpenAI defines the shape)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_MESSAGES = 1024
+
+
+class RouterOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    policy: str | None = Field(default=None, description="Policy that routes this request (default: active).")
+    max_cost_usd: float | None = Field(default=None, ge=0, description="Per-request cost cap in USD.")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        if isinstance(self.content, list):
+            return " ".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
+        return ""
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI chat request; fields the router does not use (temperature, tools, ...) pass through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(default="auto", description='"auto" routes; a backend name pins that backend.')
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    router: RouterOptions | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _needs_text(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if not any(m.text().strip() for m in messages):
+            raise ValueError("messages: at least one message needs text content")
+        return messages
+
+    def query_text(self) -> str:
+        """What the router embeds: the last user turn (the question being asked), else all text."""
+        for message in reversed(self.messages):
+            if message.role == "user" and message.text().strip():
+                return message.text()
+        return "\n".join(m.text() for m in self.messages if m.text())
+
+    def prompt_text(self) -> str:
+        return "\n".join(m.text() for m in self.messages)
+
+    def output_token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def upstream_body(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"router"}, exclude_none=True)
+
+
+class RouterInfo(BaseModel):
+    decision_id: str
+    backend: str
+    policy: str
+    propensity: float
+    cost_usd: float | None = None
+    predicted_cost_usd: float
+    max_cost_usd: float | None = None
+    over_budget: bool = Field(description="No backend fitted the cap; the cheapest was chosen.")
+    failed_backends: list[str] = Field(default_factory=list)
+    scores: dict[str, float] = Field(default_factory=dict)
+
+
+class RouteResponse(BaseModel):
+    router: RouterInfo
+
+
+class RewardRequest(BaseModel):
+    """A scalar reward in [0, 1], or a pairwise preference between two backends, for one decision."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    decision_id: str = Field(min_length=1, max_length=64)
+    reward: float | None = Field(default=None, ge=0.0, le=1.0)
+    winner: str | None = Field(default=None, min_length=1, max_length=64)
+    loser: str | None = Field(default=None, min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RewardRequest:
+        pairwise = self.winner is not None or self.loser is not None
+        if self.reward is None and not pairwise:
+            raise ValueError("give either reward, or winner and loser")
+        if self.reward is not None and pairwise:
+            raise ValueError("give either reward, or winner and loser, not both")
+        if pairwise and (self.winner is None or self.loser is None):
+            raise ValueError("a preference needs both winner and loser")
+        if pairwise and self.winner == self.loser:
+            raise ValueError("winner and loser must differ")
+        return self
+
+
+class RewardResponse(BaseModel):
+    decision_id: str
+    kind: Literal["reward", "preference"]
+    duplicate: bool = Field(description="This feedback was already recorded; nothing changed.")
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

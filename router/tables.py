@@ -1,0 +1,85 @@
+"""Database tables (SQLModel). The schema itself is owned by the Alembic migrations in `migrations/`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, LargeBinary, Text
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class QueryEmbedding(SQLModel, table=True):
+    """A routed query's embedding; its id is the query's id in the FAISS memory."""
+
+    __tablename__ = "query_embeddings"
+
+    id: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    embedder: str = Field(max_length=200, index=True)
+    dim: int
+    vector: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class Decision(SQLModel, table=True):
+    __tablename__ = "decisions"
+
+    id: str = Field(primary_key=True, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    kind: str = Field(max_length=16, description="chat | route")
+    requested_model: str = Field(max_length=200)
+    query: str = Field(sa_column=Column(Text, nullable=False))
+    prompt_tokens_estimate: int
+    embedding_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    policy: str = Field(max_length=64, index=True)
+    backend: str = Field(max_length=64, index=True)
+    propensity: float
+    scores: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    candidates: list[Any] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    predicted_cost_usd: float | None = None
+    max_cost_usd: float | None = None
+    over_budget: bool = False
+    decision_ms: float
+    status: str = Field(max_length=16, default="routed", description="routed | ok | error")
+    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    failed_backends: list[Any] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost_usd: float | None = None
+    latency_ms: float | None = None
+
+
+class Reward(SQLModel, table=True):
+    __tablename__ = "rewards"
+
+    id: int | None = Field(default=None, primary_key=True)
+    decision_id: str = Field(foreign_key="decisions.id", unique=True, max_length=64)
+    reward: float
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Preference(SQLModel, table=True):
+    """Pairwise feedback: for the query of `decision_id`, `winner` answered better than `loser`."""
+
+    __tablename__ = "preferences"
+
+    id: int | None = Field(default=None, primary_key=True)
+    decision_id: str = Field(foreign_key="decisions.id", unique=True, max_length=64)
+    winner: str = Field(max_length=64)
+    loser: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class PolicySnapshot(SQLModel, table=True):
+    """A policy's serialised state; rewards logged after `last_reward_id` are replayed on top of it."""
+
+    __tablename__ = "policy_snapshots"
+
+    id: int | None = Field(default=None, primary_key=True)
+    policy: str = Field(max_length=64, index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+    last_reward_id: int = 0
+    state: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
