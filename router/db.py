@@ -45,7 +45,7 @@ def migrate(engine: Engine, revision: str = "head") -> None:
     """Alembic upgrade on the given engine (`llm-router migrate`, and at start with auto_migrate)."""
     config = AlembicConfig()
     config.set_main_option("script_location", str(Path(migrations.__file__).parent))
-    config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, revision)

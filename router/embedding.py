@@ -27,7 +27,8 @@ class Embedder:
         if not Path(resolved).is_dir():
             raise FileNotFoundError(f"embedder path {resolved!r} is not a directory")
         self.model = SentenceTransformer(resolved, device="cpu", local_files_only=True)
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(dimension())
         self.name = f"{Path(resolved).name}-{self.dim}"
 
     def embed(self, texts: list[str]) -> np.ndarray:

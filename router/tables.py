@@ -5,12 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, LargeBinary, Text
+from sqlalchemy import JSON, BigInteger, Column, DateTime, LargeBinary, Text
 from sqlmodel import Field, SQLModel
 
 
 def utcnow() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
+    return datetime.now(UTC)
 
 
 class QueryEmbedding(SQLModel, table=True):
@@ -28,7 +28,7 @@ class Decision(SQLModel, table=True):
     __tablename__ = "decisions"
 
     id: str = Field(primary_key=True, max_length=64)
-    created_at: datetime = Field(default_factory=utcnow, index=True)
+    created_at: datetime = Field(default_factory=utcnow, index=True, sa_type=DateTime(timezone=True))
     kind: str = Field(max_length=16, description="chat | route")
     requested_model: str = Field(max_length=200)
     query: str = Field(sa_column=Column(Text, nullable=False))
@@ -58,7 +58,7 @@ class Reward(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     decision_id: str = Field(foreign_key="decisions.id", unique=True, max_length=64)
     reward: float
-    created_at: datetime = Field(default_factory=utcnow)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
 
 
 class Preference(SQLModel, table=True):
@@ -70,7 +70,7 @@ class Preference(SQLModel, table=True):
     decision_id: str = Field(foreign_key="decisions.id", unique=True, max_length=64)
     winner: str = Field(max_length=64)
     loser: str = Field(max_length=64)
-    created_at: datetime = Field(default_factory=utcnow)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
 
 
 class PolicySnapshot(SQLModel, table=True):
@@ -80,6 +80,6 @@ class PolicySnapshot(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     policy: str = Field(max_length=64, index=True)
-    created_at: datetime = Field(default_factory=utcnow)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
     last_reward_id: int = 0
     state: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))

@@ -26,7 +26,7 @@ def upgrade() -> None:
     op.create_table(
         "decisions",
         sa.Column("id", sa.String(64), primary_key=True),
-        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("kind", sa.String(16), nullable=False),
         sa.Column("requested_model", sa.String(200), nullable=False),
         sa.Column("query", sa.Text(), nullable=False),
@@ -57,7 +57,7 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
         sa.Column("decision_id", sa.String(64), sa.ForeignKey("decisions.id"), nullable=False, unique=True),
         sa.Column("reward", sa.Float(), nullable=False),
-        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     )
     op.create_table(
         "preferences",
@@ -65,13 +65,13 @@ def upgrade() -> None:
         sa.Column("decision_id", sa.String(64), sa.ForeignKey("decisions.id"), nullable=False, unique=True),
         sa.Column("winner", sa.String(64), nullable=False),
         sa.Column("loser", sa.String(64), nullable=False),
-        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     )
     op.create_table(
         "policy_snapshots",
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
         sa.Column("policy", sa.String(64), nullable=False),
-        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("last_reward_id", sa.Integer(), nullable=False),
         sa.Column("state", sa.JSON(), nullable=False),
     )

