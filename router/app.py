@@ -8,8 +8,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from litestar import Litestar, Request, Response, get, post
+from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
+from litestar.params import JSONBody
 from litestar.response import Stream
 from litestar.status_codes import HTTP_200_OK, HTTP_500_INTERNAL_SERVER_ERROR
 
@@ -52,7 +54,7 @@ def _unexpected_error(request: Request[Any, Any, Any], exc: Exception) -> Respon
 
 
 @post("/v1/chat/completions", status_code=HTTP_200_OK, summary="OpenAI chat completion, routed")
-async def chat_completions(data: ChatCompletionRequest, engine: RoutingEngine) -> Response[Any]:
+async def chat_completions(data: JSONBody[ChatCompletionRequest], engine: NamedDependency[RoutingEngine]) -> Response[Any]:
     if data.stream:
         events, info = await engine.chat_stream(data)
         return Stream(events, media_type="text/event-stream", headers={DECISION_HEADER: info.decision_id, "Cache-Control": "no-cache"})
@@ -61,34 +63,34 @@ async def chat_completions(data: ChatCompletionRequest, engine: RoutingEngine) -
 
 
 @post("/v1/route", status_code=HTTP_200_OK, summary="The routing decision alone, no generation")
-async def route(data: ChatCompletionRequest, engine: RoutingEngine) -> Response[RouteResponse]:
+async def route(data: JSONBody[ChatCompletionRequest], engine: NamedDependency[RoutingEngine]) -> Response[RouteResponse]:
     info = await engine.route(data)
     return Response(RouteResponse(router=info), headers={DECISION_HEADER: info.decision_id})
 
 
 @post("/v1/rewards", status_code=HTTP_200_OK, summary="Feedback for a decision: reward in [0,1] or a preference")
-async def rewards(data: RewardRequest, engine: RoutingEngine) -> RewardResponse:
+async def rewards(data: JSONBody[RewardRequest], engine: NamedDependency[RoutingEngine]) -> RewardResponse:
     return await engine.feedback(data)
 
 
 @get("/v1/policies/stats", summary="Per-policy and per-backend statistics")
-async def policy_stats(engine: RoutingEngine) -> dict[str, Any]:
+async def policy_stats(engine: NamedDependency[RoutingEngine]) -> dict[str, Any]:
     return await engine.stats()
 
 
 @get("/v1/backends", summary="Backends, their health and vLLM queue depth")
-async def backends(engine: RoutingEngine) -> dict[str, Any]:
+async def backends(engine: NamedDependency[RoutingEngine]) -> dict[str, Any]:
     return {"backends": engine.pool.describe()}
 
 
 @get("/health", summary="Liveness and backend availability")
-async def health(engine: RoutingEngine) -> dict[str, Any]:
+async def health(engine: NamedDependency[RoutingEngine]) -> dict[str, Any]:
     up = [s.spec.name for s in engine.pool.eligible()]
     return {"status": "ok" if up else "degraded", "backends_up": up, "active_policy": engine.active_policy}
 
 
 @get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4")
-async def metrics(engine: RoutingEngine) -> bytes:
+async def metrics(engine: NamedDependency[RoutingEngine]) -> bytes:
     return engine.metrics.render()
 
 

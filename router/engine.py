@@ -336,16 +336,17 @@ class RoutingEngine:
         first = True
         error: str | None = None
         try:
-            async for event in events:
-                if event is None:
-                    yield b"data: [DONE]\n\n"
-                    continue
-                if event.get("usage"):
-                    routed.info.cost_usd = usage.cost_usd
-                if first or event.get("usage"):
-                    event["router"] = routed.info.model_dump(mode="json")
-                    first = False
-                yield b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+            async with contextlib.aclosing(events) as upstream:  # frees the backend slot if the client leaves
+                async for event in upstream:
+                    if event is None:
+                        yield b"data: [DONE]\n\n"
+                        continue
+                    if event.get("usage"):
+                        routed.info.cost_usd = usage.cost_usd
+                    if first or event.get("usage"):
+                        event["router"] = routed.info.model_dump(mode="json")
+                        first = False
+                    yield b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
         except BackendError as exc:
             error = str(exc)
             self._on_backend_failure(routed, exc)

