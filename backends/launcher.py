@@ -106,16 +106,19 @@ class BackendLauncher:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for target in self.targets:
             command = build_command(target)
-            log = open(self.log_dir / f"{target.name}.log", "ab")
-            self._processes[target.name] = subprocess.Popen(
-                command.argv,
-                env={**os.environ, **command.env},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            log.close()
+            with open(self.log_dir / f"{target.name}.log", "ab") as log:
+                try:
+                    self._processes[target.name] = subprocess.Popen(
+                        command.argv,
+                        env={**os.environ, **command.env},
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                    )
+                except OSError as exc:
+                    self.stop()
+                    raise LaunchError(f"backend {target.name}: cannot run {command.argv[0]}: {exc}") from exc
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
         deadline = time.monotonic() + timeout_s

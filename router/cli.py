@@ -42,7 +42,7 @@ def serve(args: argparse.Namespace) -> int:
     config = _load(args)
     host = args.host or config.server.host
     port = args.port or config.server.port
-    launcher = BackendLauncher(launch_targets(config), Path(os.environ.get("LLM_ROUTER_LOG_DIR", "var/logs")))
+    launcher = BackendLauncher(launch_targets(config), Path(config.log_dir))
     try:
         if launcher.targets:
             print(f"llm-router: starting {len(launcher.targets)} managed backends ...", file=sys.stderr, flush=True)

@@ -83,6 +83,7 @@ class HealthConfig(_Strict):
 class RouterConfig(_Strict):
     database_url: str = "sqlite:///var/llm-router.db"
     auto_migrate: bool = Field(default=True, description="Upgrade the database schema at start.")
+    log_dir: str = Field(default="var/logs", description="Where managed backends write their logs.")
     default_policy: str = "epsilon_greedy"
     policies: list[str] = Field(default_factory=lambda: ["epsilon_greedy", "random"])
     policy_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -134,9 +135,11 @@ def _apply_env_overrides(raw: dict[str, Any], environ: dict[str, str]) -> dict[s
     if environ.get("DATABASE_URL"):
         raw["database_url"] = environ["DATABASE_URL"]
     for key, value in environ.items():
-        if not key.startswith(ENV_PREFIX) or key == f"{ENV_PREFIX}CONFIG":
+        if not key.startswith(ENV_PREFIX):
             continue
         path = key[len(ENV_PREFIX) :].lower().split("__")
+        if path[0] not in RouterConfig.model_fields:  # LLM_ROUTER_CONFIG, LLM_ROUTER_CACHE, ... are not fields
+            continue
         target = raw
         for part in path[:-1]:
             target = target.setdefault(part, {})
