@@ -127,11 +127,12 @@ class Policy(ABC):
         self._restore(snapshot["state"])
 
     def stats(self) -> dict[str, Any]:
+        """`pulls`: choices this policy made since start; `feedback`: rewards it learned from (any policy's)."""
         return {
             "name": self.name,
             "maturity": self.maturity,
             "arms": {
-                arm: {"pulls": t.pulls, "rewards": t.rewards, "mean_reward": t.mean_reward}
+                arm: {"pulls": t.pulls, "feedback": t.rewards, "mean_reward": t.mean_reward}
                 for arm, t in sorted(self._tallies.items())
             },
             "internals": self._internals(),

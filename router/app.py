@@ -117,4 +117,5 @@ def create_app(engine: RoutingEngine) -> Litestar:
             Exception: _unexpected_error,
         },
         openapi_config=OpenAPIConfig(title="llm-router", version="0.1.0"),
+        logging_config=None,  # the CLI configures logging; handlers log what matters themselves
     )

@@ -402,11 +402,15 @@ class RoutingEngine:
     # -- inspection -------------------------------------------------------------------------------
 
     async def stats(self) -> dict[str, Any]:
-        summary = await asyncio.to_thread(self.store.backend_summary)
+        summary = await asyncio.to_thread(self.store.summary)
+        policies = {}
+        for name, policy in self.policies.items():
+            policies[name] = {**policy.stats(), "decisions": summary["policies"].get(name, {})}
         return {
             "active_policy": self.active_policy,
-            "policies": {name: policy.stats() for name, policy in self.policies.items()},
-            "backends": summary,
+            "policies": policies,
+            "pinned": summary["policies"].get(PINNED, {}),
+            "backends": summary["backends"],
             "memory_queries": len(self.memory),
             "expected_output_tokens": {b: round(m, 1) for b, (_, m) in self._output_tokens.items()},
         }

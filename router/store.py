@@ -124,42 +124,72 @@ class Store:
             for reward_id, reward, decision, vector in session.execute(query).yield_per(1000):
                 yield StoredFeedback(int(reward_id), decision, _vector(vector), float(reward))
 
-    def backend_summary(self) -> dict[str, dict[str, Any]]:
-        """Per backend: decisions, answers, errors, spend, rewards and their mean."""
+    def summary(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Durable tallies from the log: per backend, and per policy and backend (who made the decision).
+
+        Each entry: decisions, answers, errors, spend, mean cost and latency, rewards and their mean.
+        """
         with Session(self.engine) as session:
             decisions = session.execute(
                 select(
+                    Decision.policy,
                     Decision.backend,
                     func.count(),
                     func.count().filter(Decision.status == "ok"),
                     func.count().filter(Decision.status == "error"),
                     func.coalesce(func.sum(Decision.cost_usd), 0.0),
-                    func.avg(Decision.cost_usd),
-                    func.avg(Decision.latency_ms),
-                ).group_by(Decision.backend)
+                    func.count(Decision.cost_usd),
+                    func.coalesce(func.sum(Decision.latency_ms), 0.0),
+                    func.count(Decision.latency_ms),
+                ).group_by(Decision.policy, Decision.backend)
             ).all()
-            rewards = dict(
-                (backend, (count, mean))
-                for backend, count, mean in session.execute(
-                    select(Decision.backend, func.count(Reward.id), func.avg(Reward.reward))
+            rewards = {
+                (policy, backend): (count, total)
+                for policy, backend, count, total in session.execute(
+                    select(Decision.policy, Decision.backend, func.count(Reward.id), func.sum(Reward.reward))
                     .join(Reward, Reward.decision_id == Decision.id)
-                    .group_by(Decision.backend)
+                    .group_by(Decision.policy, Decision.backend)
                 ).all()
-            )
-        summary = {}
-        for backend, count, answered, errors, total_cost, mean_cost, mean_latency in decisions:
-            reward_count, mean_reward = rewards.get(backend, (0, None))
-            summary[backend] = {
-                "decisions": count,
-                "answered": answered,
-                "errors": errors,
-                "total_cost_usd": float(total_cost),
-                "mean_cost_usd": None if mean_cost is None else float(mean_cost),
-                "mean_latency_ms": None if mean_latency is None else float(mean_latency),
-                "rewards": reward_count,
-                "mean_reward": None if mean_reward is None else float(mean_reward),
             }
-        return summary
+        by_backend: dict[str, _Tally] = {}
+        by_policy: dict[str, dict[str, _Tally]] = {}
+        for policy, backend, *counts in decisions:
+            tally = _Tally(*counts, *rewards.get((policy, backend), (0, 0.0)))
+            by_backend.setdefault(backend, _Tally()).add(tally)
+            by_policy.setdefault(policy, {})[backend] = tally
+        return {
+            "backends": {backend: t.view() for backend, t in by_backend.items()},
+            "policies": {policy: {b: t.view() for b, t in backends.items()} for policy, backends in by_policy.items()},
+        }
+
+
+@dataclass
+class _Tally:
+    decisions: int = 0
+    answered: int = 0
+    errors: int = 0
+    cost_sum: float = 0.0
+    cost_count: int = 0
+    latency_sum: float = 0.0
+    latency_count: int = 0
+    reward_count: int = 0
+    reward_sum: float = 0.0
+
+    def add(self, other: _Tally) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "decisions": self.decisions,
+            "answered": self.answered,
+            "errors": self.errors,
+            "total_cost_usd": float(self.cost_sum),
+            "mean_cost_usd": self.cost_sum / self.cost_count if self.cost_count else None,
+            "mean_latency_ms": self.latency_sum / self.latency_count if self.latency_count else None,
+            "rewards": self.reward_count,
+            "mean_reward": float(self.reward_sum) / self.reward_count if self.reward_count else None,
+        }
 
 
 def _vector(blob: bytes | None) -> np.ndarray | None:

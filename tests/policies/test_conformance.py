@@ -89,6 +89,7 @@ def test_stats_are_json_and_count_pulls(policy):
     stats = json.loads(json.dumps(policy.stats()))
     assert stats["name"] == policy.name
     assert stats["arms"][choice.arm]["pulls"] == 1
+    assert stats["arms"][choice.arm]["feedback"] == 1
     assert stats["arms"][choice.arm]["mean_reward"] == 1.0
 
 
