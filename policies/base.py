@@ -1,14 +1,19 @@
 """The policy interface: pure decision logic over a routing context.
 
 A policy sees the query embedding, the prompt length, the k nearest past decisions and the candidate
-backends (arms) with their prices; it returns a score per arm, its choice and the probability with
-which it made that choice (the propensity, needed for off-policy evaluation). It learns from feedback.
-Arms come and go at run time, so a policy must accept arms it has never seen and keep state for arms
-that are absent today. Nothing here knows about HTTP, the database or backends.
+backends (arms) with their predicted costs; it returns its probability of choosing each arm, a score per
+arm, and its choice. It learns from feedback: a scalar reward, or a pairwise preference. Arms come and
+go at run time, so a policy must accept arms it has never seen and keep state for arms absent today.
+Nothing here knows about HTTP, the database or backends.
+
+Budget: every policy optimises reward - lambda * cost. The context carries lambda (`cost_weight`, set by
+the router's pacing) and the cost it is measured against (`cost_scale`, USD), so `Context.penalty(arm)`
+is in reward units whatever the price scale of the backends.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -16,9 +21,11 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+MAX_IMPORTANCE_WEIGHT = 10.0
+
 
 class PolicyError(ValueError):
-    """Invalid input to a policy (no candidates, reward out of range, unknown arm)."""
+    """Invalid input to a policy (no candidates, reward out of range, bad option)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,12 +40,13 @@ class Arm:
 
 @dataclass(frozen=True, slots=True)
 class Neighbour:
-    """A past decision close to the current query, with its reward if one arrived."""
+    """A past decision close to the current query: its arm, its reward and/or preference if known."""
 
     decision_id: str
     arm: str
     similarity: float
-    reward: float | None
+    reward: float | None = None
+    preference: tuple[str, str] | None = None  # (winner, loser) posted for that query
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,22 +55,43 @@ class Context:
     prompt_tokens: int
     arms: tuple[Arm, ...]
     neighbours: tuple[Neighbour, ...] = ()
+    cost_weight: float = 0.0  # lambda: reward given up per `cost_scale` USD of predicted cost
+    cost_scale: float = 1.0  # USD
 
     @property
     def arm_names(self) -> list[str]:
         return [arm.name for arm in self.arms]
 
+    def penalty(self, arm: Arm) -> float:
+        """lambda * cost in reward units."""
+        if self.cost_weight == 0.0 or self.cost_scale <= 0.0:
+            return 0.0
+        return self.cost_weight * arm.predicted_cost_usd / self.cost_scale
+
+    def arm(self, name: str) -> Arm | None:
+        return next((a for a in self.arms if a.name == name), None)
+
 
 @dataclass(frozen=True, slots=True)
 class Choice:
+    """The chosen arm, the policy's probability of each arm (sums to 1), and its score of each arm."""
+
     arm: str
-    propensity: float
+    probabilities: dict[str, float]
     scores: dict[str, float]
+
+    @property
+    def propensity(self) -> float:
+        return self.probabilities[self.arm]
 
 
 @dataclass(frozen=True, slots=True)
 class Feedback:
-    """The outcome of one decision: the arm that served it and the reward it earned."""
+    """The outcome of one decision: the arm that served it and what it earned.
+
+    `propensity` is the logging policy's probability of that arm; `weight` is the importance weight this
+    policy gives the sample (1 for the policy that decided; see `importance_weight` for the others).
+    """
 
     context: Context
     arm: str
@@ -70,17 +99,51 @@ class Feedback:
     propensity: float
     cost_usd: float = 0.0
     latency_ms: float = 0.0
+    weight: float = 1.0
+
+    @property
+    def utility(self) -> float:
+        """reward - lambda * cost, with the lambda and cost scale in force when the decision was made."""
+        arm = self.context.arm(self.arm)
+        if arm is None or self.context.cost_weight == 0.0:
+            return self.reward
+        return self.reward - self.context.penalty(Arm(arm.name, 0, 0, self.cost_usd or arm.predicted_cost_usd))
+
+
+def importance_weight(propensity: float, n_arms: int) -> float:
+    """Weight of another policy's logged sample: inverse propensity relative to uniform, clipped.
+
+    A uniform logger gives weight 1; an arm the logger rarely picks counts more (up to 10x), an arm it
+    nearly always picks counts less (down to 0.1x), which corrects most of the selection bias of learning
+    from someone else's choices without letting one rare sample dominate.
+    """
+    return min(MAX_IMPORTANCE_WEIGHT, max(1.0 / MAX_IMPORTANCE_WEIGHT, 1.0 / (max(n_arms, 1) * propensity)))
+
+
+def softmax(values: dict[str, float], temperature: float = 1.0) -> dict[str, float]:
+    top = max(values.values())
+    exps = {k: math.exp((v - top) / max(temperature, 1e-9)) for k, v in values.items()}
+    total = sum(exps.values())
+    return {k: e / total for k, e in exps.items()}
+
+
+def epsilon_greedy_probabilities(scores: dict[str, float], epsilon: float) -> dict[str, float]:
+    """Uniform with probability epsilon, else uniform among the arms tied for the best score."""
+    best = max(scores.values())
+    greedy = [a for a, s in scores.items() if s >= best - 1e-12]
+    n = len(scores)
+    return {a: epsilon / n + ((1.0 - epsilon) / len(greedy) if a in greedy else 0.0) for a in scores}
 
 
 @dataclass
 class ArmTally:
     pulls: int = 0
-    rewards: int = 0
+    feedback: int = 0
     reward_sum: float = 0.0
 
     @property
     def mean_reward(self) -> float | None:
-        return self.reward_sum / self.rewards if self.rewards else None
+        return self.reward_sum / self.feedback if self.feedback else None
 
 
 class Policy(ABC):
@@ -88,6 +151,7 @@ class Policy(ABC):
 
     name: ClassVar[str]
     maturity: ClassVar[Literal["supported", "experimental"]] = "supported"
+    contextual: ClassVar[bool] = True  # uses the query (embedding or neighbours), not just arm averages
 
     def __init__(self, seed: int | None = None) -> None:
         self.seed = seed
@@ -95,12 +159,19 @@ class Policy(ABC):
         self._tallies: dict[str, ArmTally] = {}
 
     def choose(self, context: Context) -> Choice:
+        """Decide for a query: the choice this policy would make, counted as a pull."""
+        choice = self.score(context)
+        self._tally(choice.arm).pulls += 1
+        return choice
+
+    def score(self, context: Context) -> Choice:
+        """Decide without counting a pull (shadow evaluation)."""
         if not context.arms:
             raise PolicyError("no candidate backends to choose from")
         choice = self._choose(context)
-        if choice.arm not in context.arm_names:
-            raise AssertionError(f"{self.name} chose {choice.arm!r}, not a candidate")
-        self._tally(choice.arm).pulls += 1
+        names = set(context.arm_names)
+        if choice.arm not in names or set(choice.probabilities) != names:
+            raise AssertionError(f"{self.name} returned arms outside the candidates")
         return choice
 
     def learn(self, feedback: Feedback) -> None:
@@ -108,10 +179,18 @@ class Policy(ABC):
             raise PolicyError(f"reward must be in [0, 1], got {feedback.reward}")
         if not 0.0 < feedback.propensity <= 1.0:
             raise PolicyError(f"propensity must be in (0, 1], got {feedback.propensity}")
+        if not feedback.weight > 0.0:
+            raise PolicyError(f"weight must be positive, got {feedback.weight}")
         tally = self._tally(feedback.arm)
-        tally.rewards += 1
+        tally.feedback += 1
         tally.reward_sum += feedback.reward
         self._learn(feedback)
+
+    def learn_preference(self, context: Context, winner: str, loser: str) -> None:
+        """Pairwise feedback: for this query `winner` answered better than `loser`."""
+        if winner == loser:
+            raise PolicyError("winner and loser must differ")
+        self._learn_preference(context, winner, loser)
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-serialisable picture of the whole state, enough for `restore` to continue from."""
@@ -132,7 +211,7 @@ class Policy(ABC):
             "name": self.name,
             "maturity": self.maturity,
             "arms": {
-                arm: {"pulls": t.pulls, "feedback": t.rewards, "mean_reward": t.mean_reward}
+                arm: {"pulls": t.pulls, "feedback": t.feedback, "mean_reward": t.mean_reward}
                 for arm, t in sorted(self._tallies.items())
             },
             "internals": self._internals(),
@@ -146,6 +225,9 @@ class Policy(ABC):
 
     @abstractmethod
     def _learn(self, feedback: Feedback) -> None: ...
+
+    def _learn_preference(self, context: Context, winner: str, loser: str) -> None:
+        """Policies that learn from scalar rewards only ignore preferences."""
 
     def _snapshot(self) -> dict[str, Any]:
         return {}

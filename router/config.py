@@ -84,8 +84,8 @@ class RouterConfig(_Strict):
     database_url: str = "sqlite:///var/llm-router.db"
     auto_migrate: bool = Field(default=True, description="Upgrade the database schema at start.")
     log_dir: str = Field(default="var/logs", description="Where managed backends write their logs.")
-    default_policy: str = "epsilon_greedy"
-    policies: list[str] = Field(default_factory=lambda: ["epsilon_greedy", "random"])
+    default_policy: str = "qlearning"
+    policies: list[str] = Field(default_factory=lambda: ["qlearning", "random"])
     policy_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     seed: int | None = None
     server: ServerConfig = ServerConfig()

@@ -197,7 +197,7 @@ class RoutingEngine:
             neighbours=self.memory.search(vector, self.config.embedder.neighbours),
         )
         if pinned:
-            choice = Choice(arm=request.model, propensity=1.0, scores={})
+            choice = Choice(arm=request.model, probabilities={request.model: 1.0}, scores={})
             policy_name = PINNED
         else:
             choice = policy.choose(context)

@@ -24,13 +24,13 @@ def test_environment_overrides_file_values(tmp_path: Path):
             "DATABASE_URL": "postgresql://u@h/db",
             "LLM_ROUTER_DEFAULT_POLICY": "random",
             "LLM_ROUTER_SERVER__PORT": "9999",
-            "LLM_ROUTER_POLICIES": "random, epsilon_greedy",
+            "LLM_ROUTER_POLICIES": "random, qlearning",
         },
     )
     assert config.database_url == "postgresql://u@h/db"
     assert config.default_policy == "random"
     assert config.server.port == 9999
-    assert config.policies == ["random", "epsilon_greedy"]
+    assert config.policies == ["random", "qlearning"]
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,7 @@ async def test_restart_keeps_memory_and_learning(tmp_path, database_url, embedde
         decisions[text] = info
         await first.feedback(RewardRequest(decision_id=info.decision_id, reward=1.0 if text in MATH else 0.0))
     before = first.memory.search(await first.embed("What is 12 times 12?"), 3)
-    q_values = first.policies["epsilon_greedy"].stats()["internals"]["q_values"]
+    q_values = first.policies["qlearning"].stats()["internals"]["q_values"]
     await first.close()
 
     second = _engine(tmp_path, database_url, embedder)
@@ -56,7 +56,7 @@ async def test_restart_keeps_memory_and_learning(tmp_path, database_url, embedde
     assert [n.decision_id for n in after] == [n.decision_id for n in before]
     assert all(n.reward == 1.0 for n in after), "the nearest queries are the rewarded math ones"
     assert {n.decision_id for n in after} <= {decisions[t].decision_id for t in MATH}
-    assert second.policies["epsilon_greedy"].stats()["internals"]["q_values"] == q_values
+    assert second.policies["qlearning"].stats()["internals"]["q_values"] == q_values
     await second.close()
 
 
@@ -88,15 +88,15 @@ async def test_bad_feedback_is_rejected_and_changes_nothing(tmp_path, sqlite_url
         await engine.feedback(RewardRequest(decision_id="dec_missing", reward=0.5))
     with pytest.raises(BadRequest):
         await engine.feedback(RewardRequest(decision_id=info.decision_id, winner="cheap", loser="nope"))
-    before = engine.policies["epsilon_greedy"].snapshot()
+    before = engine.policies["qlearning"].snapshot()
     first = await engine.feedback(RewardRequest(decision_id=info.decision_id, reward=0.25))
     again = await engine.feedback(RewardRequest(decision_id=info.decision_id, reward=0.25))
     assert not first.duplicate and again.duplicate
-    learned = engine.policies["epsilon_greedy"].snapshot()
+    learned = engine.policies["qlearning"].snapshot()
     assert learned != before
     with pytest.raises(Conflict):
         await engine.feedback(RewardRequest(decision_id=info.decision_id, reward=0.75))
-    assert engine.policies["epsilon_greedy"].snapshot() == learned
+    assert engine.policies["qlearning"].snapshot() == learned
     stats = await engine.stats()
     assert stats["backends"][info.backend]["rewards"] == 1
     assert stats["backends"][info.backend]["mean_reward"] == 0.25
