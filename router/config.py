@@ -73,6 +73,16 @@ class BudgetConfig(_Strict):
     default_output_tokens: int = Field(
         default=256, ge=1, description="Expected answer length before a backend has answered anything."
     )
+    target_usd_per_query: float = Field(default=0.0, ge=0, description="Pacing target, mean USD per query; 0 = none.")
+    target_usd_per_hour: float = Field(default=0.0, ge=0, description="Pacing target, USD per hour; 0 = none.")
+    cost_weight: float = Field(default=0.0, ge=0, description="Static lambda when there is no target.")
+    pacing_step: float = Field(default=0.05, gt=0, le=10, description="How fast lambda reacts to over/under spend.")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> BudgetConfig:
+        if self.target_usd_per_query and self.target_usd_per_hour:
+            raise ValueError("set target_usd_per_query or target_usd_per_hour, not both")
+        return self
 
 
 class HealthConfig(_Strict):
@@ -88,6 +98,7 @@ class RouterConfig(_Strict):
     policies: list[str] = Field(default_factory=lambda: ["qlearning", "random"])
     policy_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     seed: int | None = None
+    snapshot_every: int = Field(default=200, ge=1, description="Snapshot policy state every N rewards (and at exit).")
     server: ServerConfig = ServerConfig()
     embedder: EmbedderConfig = EmbedderConfig()
     budget: BudgetConfig = BudgetConfig()

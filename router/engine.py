@@ -21,8 +21,10 @@ import numpy as np
 
 from backends.client import BackendError, BackendSpec
 from backends.pool import BackendPool
-from policies import Arm, Choice, Context, Feedback, Policy, PolicyError, registry
+from policies import Policy, PolicyError, registry
+from router.budget import BudgetPacer, OutputLengthModel
 from router.config import BackendConfig, RouterConfig
+from router.core import PINNED, Candidate, DecisionRecord, RoutingCore
 from router.db import create_db_engine, migrate
 from router.embedding import Embedder
 from router.errors import BadGateway, BadRequest, Conflict, GatewayTimeout, NotFound, ServiceUnavailable, UpstreamClientError
@@ -34,7 +36,7 @@ from router.tables import Decision, QueryEmbedding
 
 log = logging.getLogger("llm_router")
 
-PINNED = "pinned"
+ROUTER_STATE = "_router"  # snapshot row of the router-level state (pacing, answer lengths, shadow estimates)
 
 
 def backend_spec(config: BackendConfig) -> BackendSpec:
@@ -74,18 +76,48 @@ class RoutingEngine:
             migrate(self.db)
         self.store = Store(self.db)
         self.pool = BackendPool([backend_spec(b) for b in config.backends])
-        self.policies: dict[str, Policy] = {
-            name: registry.create(name, seed=config.seed, **config.policy_options.get(name, {}))
-            for name in config.policy_names
-        }
-        self.active_policy = config.default_policy
-        self.memory = Memory(self.embedder.dim)
-        self._output_tokens: dict[str, tuple[int, float]] = {}
+        budget = config.budget
+        self.core = RoutingCore(
+            policies={
+                name: registry.create(name, seed=config.seed, **config.policy_options.get(name, {}))
+                for name in config.policy_names
+            },
+            active=config.default_policy,
+            memory=Memory(self.embedder.dim),
+            pacer=BudgetPacer(
+                target_usd_per_query=budget.target_usd_per_query or None,
+                target_usd_per_hour=budget.target_usd_per_hour or None,
+                cost_weight=budget.cost_weight,
+                step=budget.pacing_step,
+            ),
+            output_lengths=OutputLengthModel(default_tokens=budget.default_output_tokens),
+            neighbours=config.embedder.neighbours,
+        )
         self._embed_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self._background: set[asyncio.Task[Any]] = set()
         self._health_task: asyncio.Task[None] | None = None
+        self._learning = asyncio.Lock()  # a snapshot never falls between a feedback's commit and its learning
+        self._learned = (0, 0)  # highest (reward id, preference id) whose learning is in the policies
+        self._since_snapshot = 0
         self._load_memory()
-        self._teach_from_log()
+        self._restore_state()
+
+    @property
+    def policies(self) -> dict[str, Policy]:
+        return self.core.policies
+
+    @property
+    def memory(self) -> Memory:
+        return self.core.memory
+
+    @property
+    def active_policy(self) -> str:
+        return self.core.active
+
+    def set_active_policy(self, name: str) -> None:
+        if name not in self.core.policies:
+            raise BadRequest(f"unknown policy {name!r}; this router runs {sorted(self.core.policies)}")
+        self.core.active = name
 
     # -- start-up -------------------------------------------------------------------------------
 
@@ -93,19 +125,37 @@ class RoutingEngine:
         for rows in self.store.memory_rows(self.embedder.name):
             ids = np.array([r[0] for r in rows], dtype=np.int64)
             vectors = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
-            self.memory.add(ids, vectors, [(r[2], r[3], r[4]) for r in rows])
+            self.memory.add(ids, vectors, [r[2] for r in rows])
         self.metrics.memory_size.set(len(self.memory))
 
-    def _teach_from_log(self) -> None:
-        """Replay every acknowledged reward into the policies, in order, so learning survives restarts."""
-        for stored in self.store.feedback_since(0):
-            decision = stored.decision
-            if decision.completion_tokens is not None:
-                self._observe_output(decision.backend, decision.completion_tokens)
-            if stored.vector is None:
-                continue
-            self._learn(decision, stored.vector, stored.reward)
+    def _restore_state(self) -> None:
+        """Latest snapshots, then every reward and preference acknowledged after them, in order.
 
+        A policy with no snapshot (new in the config) learns from the whole log.
+        """
+        snapshots = self.store.latest_snapshots()
+        start: dict[str, tuple[int, int]] = {}
+        for name, policy in self.policies.items():
+            row = snapshots.get(name)
+            if row is not None:
+                policy.restore(row.state)
+                start[name] = (row.last_reward_id, row.last_preference_id)
+            else:
+                start[name] = (0, 0)
+        router_row = snapshots.get(ROUTER_STATE)
+        if router_row is not None:
+            self.core.restore(router_row.state)
+        router_start = (router_row.last_reward_id, router_row.last_preference_id) if router_row else (0, 0)
+        first = min([*start.values(), router_start])
+        learned = [router_start[0], router_start[1]]
+        for stored in self.store.feedback_since(*first):
+            index = 0 if stored.reward is not None else 1
+            learners = {name for name, ids in start.items() if ids[index] < stored.feedback_id}
+            with_router = router_start[index] < stored.feedback_id
+            if stored.vector is not None and (learners or with_router):
+                self._apply(stored.decision, stored.vector, stored.reward, stored.preference, learners, with_router)
+            learned[index] = max(learned[index], stored.feedback_id)
+        self._learned = (learned[0], learned[1])
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -119,6 +169,7 @@ class RoutingEngine:
                 await self._health_task
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        await self.save_snapshot()
         await self.pool.close()
         self._embed_executor.shutdown(wait=False)
         self.db.dispose()
@@ -148,103 +199,74 @@ class RoutingEngine:
         vectors = await loop.run_in_executor(self._embed_executor, self.embedder.embed, [text])
         return vectors[0]
 
-    def _expected_output_tokens(self, backend: str, limit: int | None) -> int:
-        count, mean = self._output_tokens.get(backend, (0, 0.0))
-        expected = int(round(mean)) if count else self.config.budget.default_output_tokens
-        return min(expected, limit) if limit else expected
-
-    def _observe_output(self, backend: str, completion_tokens: int) -> None:
-        count, mean = self._output_tokens.get(backend, (0, 0.0))
-        count += 1
-        self._output_tokens[backend] = (count, mean + (completion_tokens - mean) / count)
-
-    def _arms(self, names: list[str], prompt_tokens: int, limit: int | None) -> list[Arm]:
-        arms = []
-        for name in names:
-            spec = self.pool.state(name).spec
-            predicted = spec.cost_usd(prompt_tokens, self._expected_output_tokens(name, limit))
-            arms.append(Arm(name, spec.price_per_1m_input_tokens_usd, spec.price_per_1m_output_tokens_usd, predicted))
-        return arms
-
-    def _policy(self, options: RouterOptions) -> tuple[str, Policy]:
+    def _policy_name(self, options: RouterOptions) -> str:
         name = options.policy or self.active_policy
         if name not in self.policies:
             raise BadRequest(f"unknown policy {name!r}; this router runs {sorted(self.policies)}")
-        return name, self.policies[name]
+        return name
 
     async def decide(self, request: ChatCompletionRequest, kind: str) -> Routed:
         started = time.perf_counter()
         options = request.router or RouterOptions()
-        policy_name, policy = self._policy(options)
-        pinned = request.model != "auto"
-        if pinned and request.model not in self.pool:
-            raise NotFound(f"unknown backend {request.model!r}; use \"auto\" or one of {self.pool.names()}")
-        names = [request.model] if pinned else [s.spec.name for s in self.pool.eligible()]
+        policy_name = self._policy_name(options)
+        pinned = request.model if request.model != "auto" else None
+        if pinned is not None and pinned not in self.pool:
+            raise NotFound(f"unknown backend {pinned!r}; use \"auto\" or one of {self.pool.names()}")
+        names = [pinned] if pinned else [s.spec.name for s in self.pool.eligible()]
         if not names:
             raise ServiceUnavailable("no healthy backend: every backend failed its last health check")
 
         vector = await self.embed(request.query_text())
         prompt_tokens = estimate_tokens(request.prompt_text())
-        arms = self._arms(names, prompt_tokens, request.output_token_limit())
         cap = options.max_cost_usd if options.max_cost_usd is not None else (self.config.budget.default_max_cost_usd or None)
-        affordable = [a for a in arms if cap is None or a.predicted_cost_usd <= cap]
-        over_budget = cap is not None and not affordable
-        candidates = affordable or [min(arms, key=lambda a: a.predicted_cost_usd)]
-        context = Context(
-            embedding=vector,
-            prompt_tokens=prompt_tokens,
-            arms=tuple(candidates),
-            neighbours=self.memory.search(vector, self.config.embedder.neighbours),
-        )
-        if pinned:
-            choice = Choice(arm=request.model, probabilities={request.model: 1.0}, scores={})
-            policy_name = PINNED
-        else:
-            choice = policy.choose(context)
-        chosen = next(a for a in candidates if a.name == choice.arm)
-        fallbacks = sorted((a for a in candidates if a.name != choice.arm), key=lambda a: -choice.scores.get(a.name, 0.0))
-
+        candidates = [
+            Candidate(n, self.pool.state(n).spec.price_per_1m_input_tokens_usd, self.pool.state(n).spec.price_per_1m_output_tokens_usd)
+            for n in names
+        ]
         decision_id = "dec_" + uuid.uuid4().hex
         memory_id = uuid.uuid4().int >> 65  # 63 bits: a positive int64 id for FAISS
+        decided = self.core.decide(
+            decision_id, memory_id, vector, prompt_tokens, candidates,
+            policy=policy_name, pinned=pinned, max_cost_usd=cap, output_limit=request.output_token_limit(),
+        )
+        record, choice = decided.record, decided.choice
+        chosen = decided.context.arm(choice.arm)
         decision_ms = (time.perf_counter() - started) * 1000
-        decision = Decision(
+        row = Decision(
             id=decision_id,
             kind=kind,
             requested_model=request.model,
             query=request.query_text(),
             prompt_tokens_estimate=prompt_tokens,
             embedding_id=memory_id,
-            policy=policy_name,
+            policy=record.policy,
             backend=choice.arm,
             propensity=choice.propensity,
             scores=choice.scores,
-            candidates=[
-                {"name": a.name, "in": a.price_per_1m_input_tokens_usd, "out": a.price_per_1m_output_tokens_usd,
-                 "predicted_cost_usd": a.predicted_cost_usd}
-                for a in candidates
-            ],
             predicted_cost_usd=chosen.predicted_cost_usd,
             max_cost_usd=cap,
-            over_budget=over_budget,
+            over_budget=decided.over_budget,
             decision_ms=decision_ms,
+            **record.columns(),
         )
         embedding = QueryEmbedding(id=memory_id, embedder=self.embedder.name, dim=self.embedder.dim, vector=vector.tobytes())
-        await asyncio.to_thread(self.store.insert_decision, decision, embedding)
-        self.memory.add(np.array([memory_id], dtype=np.int64), vector.reshape(1, -1), [(decision_id, choice.arm, None)])
+        await asyncio.to_thread(self.store.insert_decision, row, embedding)
+        if kind == "route":  # the client calls the backend itself: pace on the predicted cost
+            self.core.pacer.observe(chosen.predicted_cost_usd)
         self.metrics.memory_size.set(len(self.memory))
-        self.metrics.decisions.labels(policy_name, choice.arm, kind).inc()
-        self.metrics.decision_seconds.observe((time.perf_counter() - started))
+        self.metrics.decisions.labels(record.policy, choice.arm, kind).inc()
+        self.metrics.decision_seconds.observe(time.perf_counter() - started)
         info = RouterInfo(
             decision_id=decision_id,
             backend=choice.arm,
-            policy=policy_name,
+            policy=record.policy,
             propensity=choice.propensity,
             predicted_cost_usd=chosen.predicted_cost_usd,
             max_cost_usd=cap,
-            over_budget=over_budget,
+            over_budget=decided.over_budget,
             scores=choice.scores,
         )
-        return Routed(info=info, order=[choice.arm, *(a.name for a in fallbacks)], pinned=pinned)
+        return Routed(info=info, order=[choice.arm, *decided.fallbacks], pinned=pinned is not None)
 
     async def route(self, request: ChatCompletionRequest) -> RouterInfo:
         return (await self.decide(request, "route")).info
@@ -272,16 +294,12 @@ class RoutingEngine:
         fields["failed_backends"] = list(routed.info.failed_backends)
         await asyncio.to_thread(self.store.finish_decision, routed.info.decision_id, **fields)
 
-    def _record_answer(self, backend: str, completion_tokens: int, cost_usd: float, latency_ms: float) -> None:
-        self._observe_output(backend, completion_tokens)
+    def _record_answer(self, routed: Routed, backend: str, completion_tokens: int, cost_usd: float, latency_ms: float) -> None:
+        routed.info.backend = backend
+        self.core.record_outcome(routed.info.decision_id, backend, cost_usd, completion_tokens)
         self.metrics.requests.labels(backend, "ok").inc()
         self.metrics.cost.labels(backend).inc(cost_usd)
         self.metrics.backend_seconds.labels(backend).observe(latency_ms / 1000)
-
-    def _switch_backend(self, routed: Routed, backend: str) -> None:
-        if backend != routed.info.backend:
-            routed.info.backend = backend
-            self.memory.set_backend(routed.info.decision_id, backend)
 
     async def chat(self, request: ChatCompletionRequest) -> tuple[dict[str, Any], RouterInfo]:
         routed = await self.decide(request, "chat")
@@ -296,9 +314,8 @@ class RoutingEngine:
                 if error.retryable and not routed.pinned:
                     continue
                 break
-            self._switch_backend(routed, backend)
             routed.info.cost_usd = result.cost_usd
-            self._record_answer(backend, result.completion_tokens, result.cost_usd, result.latency_ms)
+            self._record_answer(routed, backend, result.completion_tokens, result.cost_usd, result.latency_ms)
             await self._finish(
                 routed, status="ok", backend=backend, prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens, cost_usd=result.cost_usd, latency_ms=result.latency_ms,
@@ -327,7 +344,7 @@ class RoutingEngine:
                 if error.retryable and not routed.pinned:
                     continue
                 break
-            self._switch_backend(routed, backend)
+            routed.info.backend = backend
             return self._relay(routed, backend, events, usage), routed.info
         await self._finish(routed, status="error", error=str(last_error))
         raise self._terminal_error(routed, last_error)
@@ -354,7 +371,7 @@ class RoutingEngine:
             yield b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
         finally:
             if usage.completed and error is None:
-                self._record_answer(backend, usage.completion_tokens, usage.cost_usd, usage.latency_ms)
+                self._record_answer(routed, backend, usage.completion_tokens, usage.cost_usd, usage.latency_ms)
                 fields = dict(status="ok", prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                               cost_usd=usage.cost_usd, latency_ms=usage.latency_ms)
             else:
@@ -364,18 +381,26 @@ class RoutingEngine:
 
     # -- feedback ---------------------------------------------------------------------------------
 
-    def _learn(self, decision: Decision, vector: np.ndarray, reward: float) -> None:
-        arms = tuple(Arm(c["name"], c["in"], c["out"], c["predicted_cost_usd"]) for c in decision.candidates)
-        feedback = Feedback(
-            context=Context(embedding=vector, prompt_tokens=decision.prompt_tokens_estimate, arms=arms),
-            arm=decision.backend,
-            reward=reward,
-            propensity=decision.propensity,
-            cost_usd=decision.cost_usd or 0.0,
-            latency_ms=decision.latency_ms or 0.0,
+    def _apply(
+        self,
+        decision: Decision,
+        vector: np.ndarray,
+        reward: float | None,
+        preference: tuple[str, str] | None,
+        learners: set[str] | None = None,
+        with_router: bool = True,
+    ) -> None:
+        """Teach the core (all policies, or only `learners`) one logged reward or preference."""
+        record = DecisionRecord.from_columns(
+            decision.id, decision.policy, decision.backend, decision.propensity, decision.prompt_tokens_estimate,
+            {"candidates": decision.candidates, "neighbours": decision.neighbours, "cost_weight": decision.cost_weight,
+             "cost_scale": decision.cost_scale, "shadow": decision.shadow},
         )
-        for policy in self.policies.values():
-            policy.learn(feedback)
+        if preference is not None:
+            self.core.learn_preference(record, vector, *preference, learners=learners)
+            return
+        cost = decision.cost_usd if decision.cost_usd is not None else (decision.predicted_cost_usd or 0.0)
+        self.core.learn(record, vector, reward, cost, decision.latency_ms or 0.0, learners=learners, with_router=with_router)
 
     async def feedback(self, request: RewardRequest) -> RewardResponse:
         decision, vector = await asyncio.to_thread(self.store.decision_with_vector, request.decision_id)
@@ -385,32 +410,53 @@ class RoutingEngine:
             unknown = [b for b in (request.winner, request.loser) if b not in self.pool]
             if unknown:
                 raise BadRequest(f"unknown backends {unknown} in preference; known: {self.pool.names()}")
-            duplicate = await asyncio.to_thread(self.store.record_preference, decision.id, request.winner, request.loser)
-            self.metrics.rewards.labels("preference").inc()
-            return RewardResponse(decision_id=decision.id, kind="preference", duplicate=duplicate)
-        _, duplicate = await asyncio.to_thread(self.store.record_reward, decision.id, request.reward)
-        if not duplicate:
-            self.memory.set_reward(decision.id, request.reward)
-            if vector is not None:
+        async with self._learning:
+            if request.reward is None:
+                feedback_id, duplicate = await asyncio.to_thread(self.store.record_preference, decision.id, request.winner, request.loser)
+            else:
+                feedback_id, duplicate = await asyncio.to_thread(self.store.record_reward, decision.id, request.reward)
+            if not duplicate and vector is not None:
+                pair = (request.winner, request.loser) if request.reward is None else None
                 try:
-                    self._learn(decision, vector, request.reward)
+                    self._apply(decision, vector, request.reward, pair)
                 except PolicyError as exc:  # stored already; a policy that cannot use it must not fail the call
                     log.warning("decision %s: policy could not learn: %s", decision.id, exc)
-            self.metrics.rewards.labels("reward").inc()
-        return RewardResponse(decision_id=decision.id, kind="reward", duplicate=duplicate)
+            if not duplicate:
+                rewards, preferences = self._learned
+                self._learned = (max(rewards, feedback_id), preferences) if request.reward is not None else (rewards, max(preferences, feedback_id))
+                self._since_snapshot += 1
+        kind = "reward" if request.reward is not None else "preference"
+        if not duplicate:
+            self.metrics.rewards.labels(kind).inc()
+            if self._since_snapshot >= self.config.snapshot_every:
+                self._spawn(self.save_snapshot())
+        return RewardResponse(decision_id=decision.id, kind=kind, duplicate=duplicate)
+
+    async def save_snapshot(self) -> None:
+        """Every policy's and the router's state, marked with the last feedback they include."""
+        async with self._learning:
+            states = {name: policy.snapshot() for name, policy in self.policies.items()}
+            states[ROUTER_STATE] = self.core.snapshot()
+            learned = self._learned
+            self._since_snapshot = 0
+        await asyncio.to_thread(self.store.save_snapshot, states, *learned)
+        await asyncio.to_thread(self.store.prune_snapshots)
 
     # -- inspection -------------------------------------------------------------------------------
 
     async def stats(self) -> dict[str, Any]:
         summary = await asyncio.to_thread(self.store.summary)
-        policies = {}
-        for name, policy in self.policies.items():
-            policies[name] = {**policy.stats(), "decisions": summary["policies"].get(name, {})}
+        core = self.core.stats()
+        policies = {
+            name: {**policy.stats(), "decisions": summary["policies"].get(name, {}), "shadow": core["shadow"][name]}
+            for name, policy in self.policies.items()
+        }
         return {
             "active_policy": self.active_policy,
             "policies": policies,
             "pinned": summary["policies"].get(PINNED, {}),
             "backends": summary["backends"],
+            "budget": core["budget"],
+            "expected_output_tokens": core["expected_output_tokens"],
             "memory_queries": len(self.memory),
-            "expected_output_tokens": {b: round(m, 1) for b, (_, m) in self._output_tokens.items()},
         }

@@ -5,27 +5,32 @@ Every write commits before it returns, so whatever the API acknowledges is on di
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from router.errors import Conflict, NotFound
-from router.tables import Decision, Preference, QueryEmbedding, Reward
+from router.memory import MemoryEntry
+from router.tables import Decision, PolicySnapshot, Preference, QueryEmbedding, Reward
 
 
 @dataclass(frozen=True, slots=True)
 class StoredFeedback:
-    """A reward joined with its decision and the decision's embedding, for teaching policies."""
+    """A reward or a preference joined with its decision and the decision's embedding."""
 
-    reward_id: int
+    feedback_id: int
+    created_at: datetime
     decision: Decision
     vector: np.ndarray | None
-    reward: float
+    reward: float | None = None
+    preference: tuple[str, str] | None = None
 
 
 class Store:
@@ -81,48 +86,96 @@ class Store:
                 )
             return int(existing.id), True  # type: ignore[arg-type]
 
-    def record_preference(self, decision_id: str, winner: str, loser: str) -> bool:
-        """Insert the preference once; returns True when it was already recorded with the same pair."""
+    def record_preference(self, decision_id: str, winner: str, loser: str) -> tuple[int, bool]:
+        """Insert the preference once; the same pair again is a no-op, another pair is a conflict."""
         with Session(self.engine) as session:
             existing = session.execute(select(Preference).where(Preference.decision_id == decision_id)).scalars().first()
             if existing is None:
-                session.add(Preference(decision_id=decision_id, winner=winner, loser=loser))
+                row = Preference(decision_id=decision_id, winner=winner, loser=loser)
+                session.add(row)
                 try:
                     session.commit()
                 except IntegrityError:
                     session.rollback()
                     return self.record_preference(decision_id, winner, loser)
-                return False
+                return int(row.id), False  # type: ignore[arg-type]
             if (existing.winner, existing.loser) != (winner, loser):
                 raise Conflict(f"decision {decision_id} already has a preference {existing.winner} > {existing.loser}")
-            return True
+            return int(existing.id), True  # type: ignore[arg-type]
 
-    def memory_rows(self, embedder: str, batch: int = 5000) -> Iterator[list[tuple[int, bytes, str, str, float | None]]]:
-        """(memory id, vector, decision id, backend, reward) of every stored query, in batches."""
+    def memory_rows(self, embedder: str, batch: int = 5000) -> Iterator[list[tuple[int, bytes, MemoryEntry]]]:
+        """(memory id, vector, entry) of every stored query, in batches."""
         query = (
-            select(QueryEmbedding.id, QueryEmbedding.vector, Decision.id, Decision.backend, Reward.reward)
+            select(
+                QueryEmbedding.id, QueryEmbedding.vector, Decision.id, Decision.backend, Reward.reward,
+                Preference.winner, Preference.loser, Decision.completion_tokens,
+            )
             .join(Decision, Decision.embedding_id == QueryEmbedding.id)
             .outerjoin(Reward, Reward.decision_id == Decision.id)
+            .outerjoin(Preference, Preference.decision_id == Decision.id)
             .where(QueryEmbedding.embedder == embedder)
             .order_by(QueryEmbedding.id)
         )
         with self.engine.connect() as connection:
             result = connection.execution_options(yield_per=batch).execute(query)
             for partition in result.partitions(batch):
-                yield [tuple(row) for row in partition]  # type: ignore[misc]
+                yield [
+                    (memory_id, vector, MemoryEntry(decision_id, backend, reward, (winner, loser) if winner else None, tokens))
+                    for memory_id, vector, decision_id, backend, reward, winner, loser, tokens in partition
+                ]
 
-    def feedback_since(self, after_reward_id: int = 0) -> Iterator[StoredFeedback]:
-        """Rewards in the order they were acknowledged, with what a policy needs to learn from them."""
-        query = (
-            select(Reward.id, Reward.reward, Decision, QueryEmbedding.vector)
+    def feedback_since(self, after_reward_id: int = 0, after_preference_id: int = 0) -> Iterator[StoredFeedback]:
+        """Rewards and preferences after the given ids, in the order they were acknowledged."""
+        rewards = (
+            select(Reward.id, Reward.created_at, Reward.reward, Decision, QueryEmbedding.vector)
             .join(Decision, Decision.id == Reward.decision_id)
             .outerjoin(QueryEmbedding, QueryEmbedding.id == Decision.embedding_id)
             .where(Reward.id > after_reward_id)
             .order_by(Reward.id)
         )
+        preferences = (
+            select(Preference.id, Preference.created_at, Preference.winner, Preference.loser, Decision, QueryEmbedding.vector)
+            .join(Decision, Decision.id == Preference.decision_id)
+            .outerjoin(QueryEmbedding, QueryEmbedding.id == Decision.embedding_id)
+            .where(Preference.id > after_preference_id)
+            .order_by(Preference.id)
+        )
         with Session(self.engine) as session:
-            for reward_id, reward, decision, vector in session.execute(query).yield_per(1000):
-                yield StoredFeedback(int(reward_id), decision, _vector(vector), float(reward))
+            scalar = (
+                StoredFeedback(int(i), created, d, _vector(v), reward=float(r))
+                for i, created, r, d, v in session.execute(rewards).yield_per(1000)
+            )
+            pairwise = (
+                StoredFeedback(int(i), created, d, _vector(v), preference=(w, l))
+                for i, created, w, l, d, v in session.execute(preferences).all()
+            )
+            yield from heapq.merge(scalar, pairwise, key=lambda f: (f.created_at, f.preference is not None, f.feedback_id))
+
+    def save_snapshot(self, states: dict[str, dict[str, Any]], last_reward_id: int, last_preference_id: int) -> None:
+        """One row per policy (and one for the router), written in one transaction."""
+        with Session(self.engine) as session:
+            for name, state in states.items():
+                session.add(PolicySnapshot(policy=name, state=state, last_reward_id=last_reward_id, last_preference_id=last_preference_id))
+            session.commit()
+
+    def latest_snapshots(self) -> dict[str, PolicySnapshot]:
+        with Session(self.engine) as session:
+            latest = select(PolicySnapshot.policy, func.max(PolicySnapshot.id).label("id")).group_by(PolicySnapshot.policy).subquery()
+            rows = session.execute(select(PolicySnapshot).join(latest, PolicySnapshot.id == latest.c.id)).scalars().all()
+            for row in rows:
+                session.expunge(row)
+            return {row.policy: row for row in rows}
+
+    def prune_snapshots(self, keep: int = 3) -> None:
+        """Keep the newest `keep` snapshots of each policy."""
+        with Session(self.engine) as session:
+            for (policy,) in session.execute(select(PolicySnapshot.policy).distinct()).all():
+                ids = session.execute(
+                    select(PolicySnapshot.id).where(PolicySnapshot.policy == policy).order_by(PolicySnapshot.id.desc()).offset(keep)
+                ).scalars().all()
+                if ids:
+                    session.execute(delete(PolicySnapshot).where(PolicySnapshot.id.in_(ids)))
+            session.commit()
 
     def summary(self) -> dict[str, dict[str, dict[str, Any]]]:
         """Durable tallies from the log: per backend, and per policy and backend (who made the decision).

@@ -39,6 +39,10 @@ class Decision(SQLModel, table=True):
     propensity: float
     scores: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     candidates: list[Any] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    neighbours: list[Any] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    shadow: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    cost_weight: float = 0.0
+    cost_scale: float = 1.0
     predicted_cost_usd: float | None = None
     max_cost_usd: float | None = None
     over_budget: bool = False
@@ -82,4 +86,5 @@ class PolicySnapshot(SQLModel, table=True):
     policy: str = Field(max_length=64, index=True)
     created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
     last_reward_id: int = 0
+    last_preference_id: int = 0
     state: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))

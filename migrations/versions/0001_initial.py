@@ -37,6 +37,10 @@ def upgrade() -> None:
         sa.Column("propensity", sa.Float(), nullable=False),
         sa.Column("scores", sa.JSON(), nullable=False),
         sa.Column("candidates", sa.JSON(), nullable=False),
+        sa.Column("neighbours", sa.JSON(), nullable=False),
+        sa.Column("shadow", sa.JSON(), nullable=False),
+        sa.Column("cost_weight", sa.Float(), nullable=False),
+        sa.Column("cost_scale", sa.Float(), nullable=False),
         sa.Column("predicted_cost_usd", sa.Float(), nullable=True),
         sa.Column("max_cost_usd", sa.Float(), nullable=True),
         sa.Column("over_budget", sa.Boolean(), nullable=False),
@@ -73,6 +77,7 @@ def upgrade() -> None:
         sa.Column("policy", sa.String(64), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("last_reward_id", sa.Integer(), nullable=False),
+        sa.Column("last_preference_id", sa.Integer(), nullable=False),
         sa.Column("state", sa.JSON(), nullable=False),
     )
     op.create_index("ix_policy_snapshots_policy", "policy_snapshots", ["policy"])

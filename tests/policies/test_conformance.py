@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from policies import Arm, Context, Feedback, PolicyError, importance_weight, registry
-from router.memory import Memory
+from router.memory import Memory, MemoryEntry
 
 NON_LEARNING = {"random", "fixed"}
 LEARNING = [n for n in registry.names() if n not in NON_LEARNING]
@@ -46,9 +46,7 @@ def run_stream(policy, items, reward_of, arms, steps, seed=0, memory=None, cost_
         reward = reward_of(kind, choice.arm)
         policy.learn(Feedback(context, choice.arm, reward, choice.propensity, cost_usd=costs[choice.arm]))
         if memory is not None:
-            decision_id = f"d{step}"
-            memory.add(np.array([step], dtype=np.int64), vector.reshape(1, -1), [(decision_id, choice.arm, None)])
-            memory.set_reward(decision_id, reward)
+            memory.add(np.array([step], dtype=np.int64), vector.reshape(1, -1), [MemoryEntry(f"d{step}", choice.arm, reward)])
         picks.append((kind, choice.arm))
     return picks
 

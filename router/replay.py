@@ -1,0 +1,214 @@
+"""Offline replay of recorded outcomes through the routing core: one online pass per seed.
+
+Each step the core sees a prompt (its cached embedding), predicts costs, lets the policy choose, and is
+then told only the chosen model's recorded quality and cost (bandit feedback): a policy never sees an
+outcome it did not choose. The decision path (FAISS memory, cost prediction, cap, pacing, policy) is the
+one the service runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from policies import registry
+from router.budget import BudgetPacer, OutputLengthModel
+from router.core import Candidate, RoutingCore
+from router.memory import Memory
+
+
+@dataclass(frozen=True)
+class Outcome:
+    quality: float
+    cost_usd: float
+    output_tokens: float | None
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    prompt: str
+    prompt_tokens: int
+    outcomes: dict[str, Outcome]
+
+
+@dataclass
+class Dataset:
+    name: str
+    prompts: list[Prompt]
+    models: list[Candidate]
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+
+class DatasetError(ValueError):
+    pass
+
+
+def load_dataset(path: str | Path, models: list[str] | None = None) -> Dataset:
+    """A routing file (`*_routing.jsonl`) and, when present, its `*_models.json` with prices.
+
+    Without a models file, each model's price per token is inferred from its recorded costs.
+    """
+    path = Path(path)
+    prompts = []
+    with path.open() as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                outcomes = {
+                    name: Outcome(float(o["quality"]), float(o["cost_usd"]), None if o.get("output_tokens") is None else float(o["output_tokens"]))
+                    for name, o in row["outcomes"].items()
+                }
+                prompts.append(Prompt(str(row["id"]), row["prompt"], int(row["prompt_tokens"]), outcomes))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise DatasetError(f"{path}:{number}: not a routing record ({exc})") from exc
+    if not prompts:
+        raise DatasetError(f"{path}: no records")
+    names = list(prompts[0].outcomes)
+    if models:
+        unknown = [m for m in models if m not in names]
+        if unknown:
+            raise DatasetError(f"models {unknown} not in {path.name}; it has {names}")
+        names = models
+    missing = [p.id for p in prompts if any(n not in p.outcomes for n in names)]
+    if missing:
+        raise DatasetError(f"{path}: {len(missing)} records lack an outcome for some model (e.g. {missing[0]})")
+    return Dataset(path.name, prompts, _prices(path, prompts, names))
+
+
+def _prices(path: Path, prompts: list[Prompt], names: list[str]) -> list[Candidate]:
+    models_file = path.with_name(path.name.replace("_routing.jsonl", "_models.json"))
+    known: dict[str, Candidate] = {}
+    if models_file.exists() and models_file != path:
+        for model in json.loads(models_file.read_text()).get("models", []):
+            known[model["name"]] = Candidate(model["name"], float(model["price_per_1m_input_tokens_usd"]), float(model["price_per_1m_output_tokens_usd"]))
+    candidates = []
+    for name in names:
+        if name in known:
+            candidates.append(known[name])
+            continue
+        per_token = [p.outcomes[name].cost_usd / max(p.prompt_tokens + (p.outcomes[name].output_tokens or 0), 1) for p in prompts]
+        price = float(np.median(per_token)) * 1e6
+        candidates.append(Candidate(name, price, price))
+    return candidates
+
+
+def embed_dataset(dataset_path: str | Path, dataset: Dataset, embedder: Any, cache_dir: Path) -> np.ndarray:
+    """Embeddings of every prompt, computed once per (embedder, content) and cached on disk."""
+    digest = hashlib.sha256("\x1e".join(p.prompt for p in dataset.prompts).encode()).hexdigest()[:16]
+    cache = cache_dir / f"{Path(dataset_path).stem}-{embedder.name}-{digest}.npy"
+    if cache.exists():
+        return np.load(cache)
+    vectors = embedder.embed([p.prompt for p in dataset.prompts])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    temporary = cache.with_suffix(".tmp.npy")
+    np.save(temporary, vectors)
+    temporary.rename(cache)
+    return vectors
+
+
+@dataclass
+class PassResult:
+    qualities: np.ndarray
+    costs: np.ndarray
+    decision_ms: np.ndarray
+    choices: list[str]
+
+
+def replay_pass(
+    dataset: Dataset,
+    vectors: np.ndarray,
+    policy: str,
+    seed: int,
+    budget_usd: float | None = None,
+    policy_options: dict[str, Any] | None = None,
+    neighbours: int = 20,
+) -> PassResult:
+    """One online pass in a seed-shuffled order with bandit feedback only."""
+    order = np.random.default_rng(seed).permutation(len(dataset.prompts))
+    core = RoutingCore(
+        policies={policy: registry.create(policy, seed=seed, **(policy_options or {}))},
+        active=policy,
+        memory=Memory(vectors.shape[1]),
+        pacer=BudgetPacer(target_usd_per_query=budget_usd),
+        output_lengths=OutputLengthModel(),
+        neighbours=neighbours,
+    )
+    prices = {m.name: m for m in dataset.models}
+    qualities, costs, timings, choices = [], [], [], []
+    for step, index in enumerate(order.tolist()):
+        prompt = dataset.prompts[index]
+        started = time.perf_counter()
+        decided = core.decide(f"r{step}", step, vectors[index], prompt.prompt_tokens, dataset.models)
+        timings.append((time.perf_counter() - started) * 1000)
+        arm = decided.choice.arm
+        outcome = prompt.outcomes[arm]
+        core.record_outcome(decided.record.decision_id, arm, outcome.cost_usd, _output_tokens(outcome, prompt, prices[arm]))
+        core.learn(decided.record, vectors[index], outcome.quality, outcome.cost_usd)
+        qualities.append(outcome.quality)
+        costs.append(outcome.cost_usd)
+        choices.append(arm)
+    return PassResult(np.array(qualities), np.array(costs), np.array(timings), choices)
+
+
+def _output_tokens(outcome: Outcome, prompt: Prompt, price: Candidate) -> float:
+    """Recorded answer length, or the length the recorded cost implies (data that bills input only -> 0)."""
+    if outcome.output_tokens is not None:
+        return outcome.output_tokens
+    if price.price_per_1m_output_tokens_usd <= 0:
+        return 0.0
+    output_cost = outcome.cost_usd - prompt.prompt_tokens * price.price_per_1m_input_tokens_usd / 1e6
+    return max(0.0, output_cost * 1e6 / price.price_per_1m_output_tokens_usd)
+
+
+def references(dataset: Dataset) -> dict[str, dict[str, Any]]:
+    """Oracle (best model per prompt, cheapest among ties), best single model in hindsight, uniform
+    random, and the cheapest model: what any router should be compared with."""
+    names = dataset.model_names
+    quality = np.array([[p.outcomes[n].quality for n in names] for p in dataset.prompts])
+    cost = np.array([[p.outcomes[n].cost_usd for n in names] for p in dataset.prompts])
+    best = quality.max(axis=1, keepdims=True)
+    oracle_cost = np.where(quality >= best - 1e-12, cost, np.inf).min(axis=1)
+    single = int(quality.mean(axis=0).argmax())
+    cheapest = int(cost.mean(axis=0).argmin())
+    return {
+        "oracle": {"quality": float(best.mean()), "cost_usd": float(oracle_cost.mean())},
+        "best_single": {"model": names[single], "quality": float(quality[:, single].mean()), "cost_usd": float(cost[:, single].mean())},
+        "random": {"quality": float(quality.mean()), "cost_usd": float(cost.mean())},
+        "cheapest": {"model": names[cheapest], "quality": float(quality[:, cheapest].mean()), "cost_usd": float(cost[:, cheapest].mean())},
+    }
+
+
+def report(dataset: Dataset, policy: str, seeds: list[int], passes: list[PassResult], budget_usd: float | None) -> dict[str, Any]:
+    half = len(dataset.prompts) // 2
+    timings = np.concatenate([p.decision_ms for p in passes])
+    return {
+        "policy": policy,
+        "dataset": dataset.name,
+        "n_prompts": len(dataset.prompts),
+        "models": dataset.model_names,
+        "seeds": seeds,
+        "budget_usd": budget_usd,
+        "mean_quality": float(np.mean([p.qualities.mean() for p in passes])),
+        "mean_quality_second_half": float(np.mean([p.qualities[half:].mean() for p in passes])),
+        "mean_cost_usd": float(np.mean([p.costs.mean() for p in passes])),
+        "mean_cost_usd_second_half": float(np.mean([p.costs[half:].mean() for p in passes])),
+        "decision_ms_p50": float(np.percentile(timings, 50)),
+        "decision_ms_p99": float(np.percentile(timings, 99)),
+        "per_seed": [
+            {"seed": s, "mean_quality": float(p.qualities.mean()), "mean_cost_usd": float(p.costs.mean())}
+            for s, p in zip(seeds, passes)
+        ],
+        "references": references(dataset),
+    }
