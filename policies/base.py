@@ -47,6 +47,7 @@ class Neighbour:
     similarity: float
     reward: float | None = None
     preference: tuple[str, str] | None = None  # (winner, loser) posted for that query
+    output_tokens: float | None = None  # answer length, for cost prediction
 
 
 @dataclass(frozen=True, slots=True)
