@@ -2,8 +2,8 @@
 
 Preferences H move along the gradient of expected reward: H[chosen] += step * (r - baseline) * (1 - pi),
 H[other] -= step * (r - baseline) * pi[other], with the running mean reward as baseline (Sutton & Barto's
-gradient bandit). The reward is PickLLM's, net of lambda * cost. A new cluster starts from the global
-preferences. A floor of `min_exploration` keeps every arm's probability above zero, which keeps the
+gradient bandit). The reward is PickLLM's; lambda * cost is subtracted from the preferences when choosing.
+A new cluster starts from the global preferences. A floor of `min_exploration` keeps every arm's probability above zero, which keeps the
 logged propensities usable for off-policy evaluation.
 """
 
@@ -43,18 +43,22 @@ class GradientPolicy(PickLLMPolicy):
             self._preferences[cluster] = dict(self._preferences.get(GLOBAL, {}))
         return self._preferences[cluster]
 
-    def _probabilities(self, cluster: str, arms: list[str]) -> dict[str, float]:
+    def _probabilities(self, cluster: str, arms: list[str], penalties: dict[str, float] | None = None) -> dict[str, float]:
+        """Softmax of the preferences net of lambda * cost, with the exploration floor."""
         table = self._preferences.get(cluster) or self._preferences.get(GLOBAL, {})
-        greedy = softmax({a: table.get(a, 0.0) for a in arms}, self.temperature)
+        penalties = penalties or {}
+        greedy = softmax({a: table.get(a, 0.0) - penalties.get(a, 0.0) for a in arms}, self.temperature)
         floor = self.min_exploration / len(arms)
         return {a: (1.0 - self.min_exploration) * p + floor for a, p in greedy.items()}
 
     def _choose(self, context: Context) -> Choice:
         cluster = str(self.clusters.assign(context.embedding))
-        probabilities = self._probabilities(cluster, context.arm_names)
+        penalties = {arm.name: context.penalty(arm) for arm in context.arms}
+        probabilities = self._probabilities(cluster, context.arm_names, penalties)
         arm = self._rng.choices(list(probabilities), weights=list(probabilities.values()))[0]
         table = self._preferences.get(cluster) or self._preferences.get(GLOBAL, {})
-        return Choice(arm=arm, probabilities=probabilities, scores={a: table.get(a, 0.0) for a in context.arm_names})
+        scores = {a: table.get(a, 0.0) - penalties[a] for a in context.arm_names}
+        return Choice(arm=arm, probabilities=probabilities, scores=scores)
 
     def _learn(self, feedback: Feedback) -> None:
         reward = self.pickllm_reward(feedback)

@@ -34,12 +34,15 @@ class PickLLMPolicy(Policy):
         self.clusters = QueryClusters(int(clusters), clustering, seed=seed)
 
     def pickllm_reward(self, feedback: Feedback) -> float:
-        """w_a * quality - w_c * cost / cost_scale - w_l * log(1 + latency_s), minus the budget's lambda * cost."""
+        """w_a * quality - w_c * cost / cost_scale - w_l * log(1 + latency_s).
+
+        The budget's lambda * cost is not in here: these learners apply it when they choose, with the
+        lambda of that moment, so they follow the pacing at once instead of unlearning old penalties.
+        """
         context = feedback.context
         cost = feedback.cost_usd / context.cost_scale if context.cost_scale > 0 else 0.0
         latency = math.log1p(max(feedback.latency_ms, 0.0) / 1000.0)
-        shaped = self.quality_weight * feedback.reward - self.cost_weight * cost - self.latency_weight * latency
-        return shaped - (feedback.reward - feedback.utility)
+        return self.quality_weight * feedback.reward - self.cost_weight * cost - self.latency_weight * latency
 
     def _pickllm_internals(self) -> dict[str, Any]:
         return {

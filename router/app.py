@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from litestar import Litestar, Request, Response, get, post
+from litestar import Litestar, Request, Response, get, post, put
 from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
@@ -17,7 +17,16 @@ from litestar.status_codes import HTTP_200_OK, HTTP_500_INTERNAL_SERVER_ERROR
 
 from router.engine import RoutingEngine
 from router.errors import RouterError
-from router.protocol import ChatCompletionRequest, ErrorBody, ErrorResponse, RewardRequest, RewardResponse, RouteResponse
+from router.protocol import (
+    ActivePolicyRequest,
+    ActivePolicyResponse,
+    ChatCompletionRequest,
+    ErrorBody,
+    ErrorResponse,
+    RewardRequest,
+    RewardResponse,
+    RouteResponse,
+)
 
 log = logging.getLogger("llm_router")
 
@@ -78,6 +87,12 @@ async def policy_stats(engine: NamedDependency[RoutingEngine]) -> dict[str, Any]
     return await engine.stats()
 
 
+@put("/v1/policies/active", status_code=HTTP_200_OK, summary="Switch the policy that routes `auto` requests")
+async def set_active_policy(data: JSONBody[ActivePolicyRequest], engine: NamedDependency[RoutingEngine]) -> ActivePolicyResponse:
+    engine.set_active_policy(data.policy)
+    return ActivePolicyResponse(active_policy=engine.active_policy)
+
+
 @get("/v1/backends", summary="Backends, their health and vLLM queue depth")
 async def backends(engine: NamedDependency[RoutingEngine]) -> dict[str, Any]:
     return {"backends": engine.pool.describe()}
@@ -107,7 +122,7 @@ def create_app(engine: RoutingEngine) -> Litestar:
         return engine
 
     return Litestar(
-        route_handlers=[chat_completions, route, rewards, policy_stats, backends, health, metrics],
+        route_handlers=[chat_completions, route, rewards, policy_stats, set_active_policy, backends, health, metrics],
         dependencies={"engine": provide_engine},
         lifespan=[lifespan],
         exception_handlers={

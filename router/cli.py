@@ -69,6 +69,36 @@ def migrate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def replay_command(args: argparse.Namespace) -> int:
+    import json
+
+    from policies import registry
+    from router.embedding import Embedder
+    from router.replay import DatasetError, comparison_table, run
+
+    config = _load(args)
+    known = registry.names()
+    policies = known if args.policy == "all" else [args.policy]
+    unknown = [p for p in policies if p not in known]
+    if unknown:
+        print(f"llm-router: unknown policy {unknown[0]!r}; known: {known} or 'all'", file=sys.stderr)
+        return 2
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        print(f"llm-router: --seeds must be integers separated by commas, got {args.seeds!r}", file=sys.stderr)
+        return 2
+    models = [m.strip() for m in args.models.split(",")] if args.models else None
+    try:
+        reports = run(args.data, policies, seeds, args.budget, Path(args.out), Embedder(config.embedder.path),
+                      models=models, policy_options=config.policy_options)
+    except (DatasetError, OSError) as exc:
+        print(f"llm-router: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(reports[0], indent=2) if len(reports) == 1 else comparison_table(reports))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("llm_router").setLevel(os.environ.get("LLM_ROUTER_LOG_LEVEL", "INFO").upper())
@@ -82,6 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     migrate_parser = commands.add_parser("migrate", help="upgrade the database schema to head")
     migrate_parser.add_argument("--config")
     migrate_parser.set_defaults(run=migrate_command)
+    replay_parser = commands.add_parser("replay", help="replay recorded outcomes through the routing core")
+    replay_parser.add_argument("--data", required=True, help="routing file in the shared data format (*.jsonl)")
+    replay_parser.add_argument("--policy", required=True, help="policy name, or 'all'")
+    replay_parser.add_argument("--seeds", default="0", help="comma-separated seeds, one online pass each")
+    replay_parser.add_argument("--budget", type=float, default=None, help="target mean cost per query in USD")
+    replay_parser.add_argument("--models", default=None, help="comma-separated subset of the file's models")
+    replay_parser.add_argument("--out", default="var/replay", help="directory for report.json")
+    replay_parser.add_argument("--config", help="config file (embedder, policy options)")
+    replay_parser.set_defaults(run=replay_command)
     args = parser.parse_args(argv)
     return int(args.run(args))
 

@@ -50,7 +50,7 @@ class DecisionRecord:
         """The JSON-friendly parts, as stored on the decision row."""
         return {
             "candidates": [asdict(a) for a in self.arms],
-            "neighbours": [[n.decision_id, n.arm, round(n.similarity, 5), n.reward, list(n.preference) if n.preference else None, n.output_tokens] for n in self.neighbours],
+            "neighbours": [[n.decision_id, n.arm, n.similarity, n.reward, list(n.preference) if n.preference else None, n.output_tokens] for n in self.neighbours],
             "cost_weight": self.cost_weight,
             "cost_scale": self.cost_scale,
             "shadow": {"probabilities": self.shadow, "choices": self.shadow_choices},

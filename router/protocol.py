@@ -121,3 +121,13 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class ActivePolicyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    policy: str = Field(min_length=1, max_length=64)
+
+
+class ActivePolicyResponse(BaseModel):
+    active_policy: str

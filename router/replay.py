@@ -212,3 +212,48 @@ def report(dataset: Dataset, policy: str, seeds: list[int], passes: list[PassRes
         ],
         "references": references(dataset),
     }
+
+
+def comparison_table(reports: list[dict[str, Any]]) -> str:
+    """Markdown: one row per policy, then the references."""
+    lines = [
+        "| policy | mean quality | quality, 2nd half | mean cost (USD) | decision p50 (ms) | decision p99 (ms) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        name = r["policy"] + (" (peer)" if r.get("peer") else "")
+        lines.append(
+            f"| {name} | {r['mean_quality']:.4f} | {r['mean_quality_second_half']:.4f} | {r['mean_cost_usd']:.3g} "
+            f"| {r['decision_ms_p50']:.3f} | {r['decision_ms_p99']:.3f} |"
+        )
+    for name, ref in reports[0]["references"].items():
+        label = f"{name} ({ref['model']})" if "model" in ref else name
+        lines.append(f"| *{label}* | {ref['quality']:.4f} | | {ref['cost_usd']:.3g} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def run(
+    data: str | Path,
+    policies: list[str],
+    seeds: list[int],
+    budget_usd: float | None,
+    out: Path,
+    embedder: Any,
+    models: list[str] | None = None,
+    policy_options: dict[str, dict[str, Any]] | None = None,
+    cache_dir: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Replay `policies` over `data` and write one report.json per policy (and a table for several)."""
+    dataset = load_dataset(data, models)
+    vectors = embed_dataset(data, dataset, embedder, cache_dir or Path.home() / ".cache" / "llm-router" / "embeddings")
+    reports = []
+    for policy in policies:
+        passes = [replay_pass(dataset, vectors, policy, seed, budget_usd, (policy_options or {}).get(policy)) for seed in seeds]
+        result = report(dataset, policy, seeds, passes, budget_usd)
+        target = out / policy if len(policies) > 1 else out
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "report.json").write_text(json.dumps(result, indent=2))
+        reports.append(result)
+    if len(policies) > 1:
+        (out / "comparison.md").write_text(comparison_table(reports))
+    return reports
