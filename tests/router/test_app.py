@@ -6,6 +6,7 @@ import httpx
 import openai
 import pytest
 
+from policies import registry
 from tests.conftest import backend_table, free_port, write_config
 
 pytestmark = pytest.mark.vllm
@@ -13,7 +14,8 @@ pytestmark = pytest.mark.vllm
 
 def _config(tmp_path, url, ports, extra_backends=""):
     backends = backend_table("smol-a", ports["smol-a"], 0.05, 0.10) + backend_table("smol-b", ports["smol-b"], 0.50, 1.50)
-    return write_config(tmp_path / "router.toml", url, backends + extra_backends)
+    policies = "policies = [" + ", ".join(f'"{p}"' for p in registry.names()) + "]"
+    return write_config(tmp_path / "router.toml", url, backends + extra_backends, policies)
 
 
 @pytest.fixture
@@ -177,3 +179,36 @@ def test_restart_on_postgresql_keeps_memory(tmp_path, pg_url, vllm_backends, sta
     assert neighbours[0].decision_id == decision["decision_id"] and neighbours[0].reward == 1.0
     stats = httpx.get(f"{second.url}/v1/policies/stats").json()
     assert stats["backends"][decision["backend"]]["rewards"] == 1
+
+
+def test_pairwise_feedback_over_http_moves_elo_ratings(router):
+    info = httpx.post(f"{router.url}/v1/route", json=_chat(router={"policy": "elo"})).json()["router"]
+    assert info["policy"] == "elo"
+    before = httpx.get(f"{router.url}/v1/policies/stats").json()["policies"]["elo"]["internals"]["global_ratings"]
+    preference = {"decision_id": info["decision_id"], "winner": "smol-b", "loser": "smol-a"}
+    assert httpx.post(f"{router.url}/v1/rewards", json=preference).status_code == 200
+    after = httpx.get(f"{router.url}/v1/policies/stats").json()["policies"]["elo"]["internals"]["global_ratings"]
+    assert after["smol-b"] > before.get("smol-b", 1000.0) and after["smol-a"] < before.get("smol-a", 1000.0)
+
+
+def test_switching_the_active_policy_over_http(router):
+    response = httpx.put(f"{router.url}/v1/policies/active", json={"policy": "gradient"})
+    assert response.status_code == 200 and response.json() == {"active_policy": "gradient"}
+    assert httpx.post(f"{router.url}/v1/route", json=_chat()).json()["router"]["policy"] == "gradient"
+    stats = httpx.get(f"{router.url}/v1/policies/stats").json()
+    assert stats["active_policy"] == "gradient"
+    bad = httpx.put(f"{router.url}/v1/policies/active", json={"policy": "nope"})
+    assert bad.status_code == 400 and "unknown policy" in bad.json()["error"]["message"]
+
+
+def test_every_policy_routes_and_learns_over_http(router):
+    for name in registry.names():
+        info = httpx.post(f"{router.url}/v1/route", json=_chat(router={"policy": name})).json()["router"]
+        assert info["policy"] == name
+        assert httpx.post(f"{router.url}/v1/rewards", json={"decision_id": info["decision_id"], "reward": 1.0}).status_code == 200
+    stats = httpx.get(f"{router.url}/v1/policies/stats").json()
+    for name in registry.names():
+        entry = stats["policies"][name]
+        assert entry["decisions"], name
+        assert sum(arm["feedback"] for arm in entry["arms"].values()) == len(registry.names()), name
+        assert entry["shadow"]["rewards"] == len(registry.names()), name
