@@ -1,9 +1,11 @@
 """The engine on the real embedder and a real database, without generation (no backend is called)."""
 
 import asyncio
+import json
 
 import pytest
 
+from policies import registry
 from router.config import load_config
 from router.engine import RoutingEngine
 from router.errors import BadRequest, Conflict, NotFound
@@ -82,21 +84,26 @@ async def test_cap_is_respected_and_over_budget_takes_the_cheapest(tmp_path, sql
 
 
 async def test_bad_feedback_is_rejected_and_changes_nothing(tmp_path, sqlite_url, embedder):
-    engine = _engine(tmp_path, sqlite_url, embedder)
+    engine = _engine(tmp_path, sqlite_url, embedder, policies=registry.names())
     info = await engine.route(_request("hello there"))
+
+    def state():
+        return {name: json.dumps(p.snapshot(), sort_keys=True) for name, p in engine.policies.items()}
+
+    before = state()
     with pytest.raises(NotFound):
         await engine.feedback(RewardRequest(decision_id="dec_missing", reward=0.5))
     with pytest.raises(BadRequest):
         await engine.feedback(RewardRequest(decision_id=info.decision_id, winner="cheap", loser="nope"))
-    before = engine.policies["qlearning"].snapshot()
+    assert state() == before
     first = await engine.feedback(RewardRequest(decision_id=info.decision_id, reward=0.25))
     again = await engine.feedback(RewardRequest(decision_id=info.decision_id, reward=0.25))
     assert not first.duplicate and again.duplicate
-    learned = engine.policies["qlearning"].snapshot()
-    assert learned != before
+    learned = state()
+    assert all(learned[name] != before[name] for name in ("qlearning", "gradient", "vw", "elo"))
     with pytest.raises(Conflict):
         await engine.feedback(RewardRequest(decision_id=info.decision_id, reward=0.75))
-    assert engine.policies["qlearning"].snapshot() == learned
+    assert state() == learned
     stats = await engine.stats()
     assert stats["backends"][info.backend]["rewards"] == 1
     assert stats["backends"][info.backend]["mean_reward"] == 0.25
