@@ -11,7 +11,7 @@ setup: $(VENV)/.installed vllm
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -qq --upgrade pip
-	$(VENV)/bin/pip install -qq -c constraints.txt -e ".[test]"
+	$(VENV)/bin/pip install -qq -c constraints.txt -e ".[test,eval]"
 	touch $@
 
 vllm:
