@@ -31,7 +31,7 @@ from router.errors import BadGateway, BadRequest, Conflict, GatewayTimeout, NotF
 from router.memory import Memory
 from router.metrics import RouterMetrics
 from router.protocol import ChatCompletionRequest, RewardRequest, RewardResponse, RouterInfo, RouterOptions
-from router.store import Store
+from router.store import GroupWriter, Store, add_decision, add_preference, add_reward, finish_decision, load_decision
 from router.tables import Decision, QueryEmbedding
 
 log = logging.getLogger("llm_router")
@@ -75,6 +75,7 @@ class RoutingEngine:
         if config.auto_migrate:
             migrate(self.db)
         self.store = Store(self.db)
+        self.writer = GroupWriter(self.db)
         self.pool = BackendPool([backend_spec(b) for b in config.backends])
         budget = config.budget
         self.core = RoutingCore(
@@ -96,7 +97,6 @@ class RoutingEngine:
         self._embed_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self._background: set[asyncio.Task[Any]] = set()
         self._health_task: asyncio.Task[None] | None = None
-        self._learning = asyncio.Lock()  # a snapshot never falls between a feedback's commit and its learning
         self._learned = (0, 0)  # highest (reward id, preference id) whose learning is in the policies
         self._since_snapshot = 0
         self._load_memory()
@@ -169,6 +169,7 @@ class RoutingEngine:
                 await self._health_task
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        await self.writer.close()
         await self.save_snapshot()
         await self.pool.close()
         self._embed_executor.shutdown(wait=False)
@@ -250,7 +251,7 @@ class RoutingEngine:
             **record.columns(),
         )
         embedding = QueryEmbedding(id=memory_id, embedder=self.embedder.name, dim=self.embedder.dim, vector=vector.tobytes())
-        await asyncio.to_thread(self.store.insert_decision, row, embedding)
+        await self.writer.submit(lambda session: add_decision(session, row, embedding))
         if kind == "route":  # the client calls the backend itself: pace on the predicted cost
             self.core.pacer.observe(chosen.predicted_cost_usd)
         self.metrics.memory_size.set(len(self.memory))
@@ -292,7 +293,7 @@ class RoutingEngine:
 
     async def _finish(self, routed: Routed, **fields: Any) -> None:
         fields["failed_backends"] = list(routed.info.failed_backends)
-        await asyncio.to_thread(self.store.finish_decision, routed.info.decision_id, **fields)
+        await self.writer.submit(lambda session: finish_decision(session, routed.info.decision_id, **fields))
 
     def _record_answer(self, routed: Routed, backend: str, completion_tokens: int, cost_usd: float, latency_ms: float) -> None:
         routed.info.backend = backend
@@ -403,43 +404,51 @@ class RoutingEngine:
         self.core.learn(record, vector, reward, cost, decision.latency_ms or 0.0, learners=learners, with_router=with_router)
 
     async def feedback(self, request: RewardRequest) -> RewardResponse:
-        decision, vector = await asyncio.to_thread(self.store.decision_with_vector, request.decision_id)
-        if decision.status == "error":
-            raise Conflict(f"decision {decision.id} produced no answer ({decision.error}); nothing to reward")
-        if request.reward is None:
-            unknown = [b for b in (request.winner, request.loser) if b not in self.pool]
+        """Record a reward or preference durably; every policy learns from it right after the commit."""
+        pair = None if request.reward is not None else (request.winner, request.loser)
+        if pair is not None:
+            unknown = [b for b in pair if b not in self.pool]
             if unknown:
                 raise BadRequest(f"unknown backends {unknown} in preference; known: {self.pool.names()}")
-        async with self._learning:
-            if request.reward is None:
-                feedback_id, duplicate = await asyncio.to_thread(self.store.record_preference, decision.id, request.winner, request.loser)
-            else:
-                feedback_id, duplicate = await asyncio.to_thread(self.store.record_reward, decision.id, request.reward)
-            if not duplicate and vector is not None:
-                pair = (request.winner, request.loser) if request.reward is None else None
+
+        def write(session: Any) -> tuple[Decision, np.ndarray | None, int, bool]:
+            decision, vector = load_decision(session, request.decision_id)
+            if decision.status == "error":
+                raise Conflict(f"decision {decision.id} produced no answer ({decision.error}); nothing to reward")
+            if pair is not None:
+                return (decision, vector, *add_preference(session, decision.id, *pair))
+            return (decision, vector, *add_reward(session, decision.id, request.reward))
+
+        def learn(written: tuple[Decision, np.ndarray | None, int, bool]) -> None:
+            decision, vector, feedback_id, duplicate = written
+            if duplicate:
+                return
+            if vector is not None:
                 try:
                     self._apply(decision, vector, request.reward, pair)
                 except PolicyError as exc:  # stored already; a policy that cannot use it must not fail the call
                     log.warning("decision %s: policy could not learn: %s", decision.id, exc)
-            if not duplicate:
-                rewards, preferences = self._learned
-                self._learned = (max(rewards, feedback_id), preferences) if request.reward is not None else (rewards, max(preferences, feedback_id))
-                self._since_snapshot += 1
-        kind = "reward" if request.reward is not None else "preference"
+            rewards, preferences = self._learned
+            self._learned = (max(rewards, feedback_id), preferences) if pair is None else (rewards, max(preferences, feedback_id))
+            self._since_snapshot += 1
+
+        decision, _, _, duplicate = await self.writer.submit(write, learn)
+        kind = "reward" if pair is None else "preference"
         if not duplicate:
             self.metrics.rewards.labels(kind).inc()
             if self._since_snapshot >= self.config.snapshot_every:
+                self._since_snapshot = 0
                 self._spawn(self.save_snapshot())
         return RewardResponse(decision_id=decision.id, kind=kind, duplicate=duplicate)
 
     async def save_snapshot(self) -> None:
-        """Every policy's and the router's state, marked with the last feedback they include."""
-        async with self._learning:
-            states = {name: policy.snapshot() for name, policy in self.policies.items()}
-            states[ROUTER_STATE] = self.core.snapshot()
-            learned = self._learned
-            self._since_snapshot = 0
-        await asyncio.to_thread(self.store.save_snapshot, states, *learned)
+        """Every policy's and the router's state, marked with the last feedback they include.
+
+        Taken in one step of the event loop, where learning also happens, so it is consistent.
+        """
+        states = {name: policy.snapshot() for name, policy in self.policies.items()}
+        states[ROUTER_STATE] = self.core.snapshot()
+        await asyncio.to_thread(self.store.save_snapshot, states, *self._learned)
         await asyncio.to_thread(self.store.prune_snapshots)
 
     # -- inspection -------------------------------------------------------------------------------

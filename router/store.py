@@ -5,15 +5,16 @@ Every write commits before it returns, so whatever the API acknowledges is on di
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import heapq
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import numpy as np
 from sqlalchemy import Engine, delete, func, select
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from router.errors import Conflict, NotFound
@@ -33,75 +34,137 @@ class StoredFeedback:
     preference: tuple[str, str] | None = None
 
 
+def add_decision(session: Session, decision: Decision, embedding: QueryEmbedding | None) -> None:
+    if embedding is not None:
+        session.add(embedding)
+        session.flush()
+    session.add(decision)
+    session.flush()
+
+
+def finish_decision(session: Session, decision_id: str, **fields: Any) -> None:
+    decision = session.get(Decision, decision_id)
+    if decision is None:
+        raise NotFound(f"unknown decision_id {decision_id!r}")
+    for name, value in fields.items():
+        setattr(decision, name, value)
+    session.flush()
+
+
+def load_decision(session: Session, decision_id: str) -> tuple[Decision, np.ndarray | None]:
+    row = session.execute(
+        select(Decision, QueryEmbedding.vector)
+        .outerjoin(QueryEmbedding, QueryEmbedding.id == Decision.embedding_id)
+        .where(Decision.id == decision_id)
+    ).first()
+    if row is None:
+        raise NotFound(f"unknown decision_id {decision_id!r}")
+    return row[0], _vector(row[1])
+
+
+def add_reward(session: Session, decision_id: str, reward: float) -> tuple[int, bool]:
+    """Insert the reward once; the same value again is a no-op (True), another value is a conflict."""
+    existing = session.execute(select(Reward).where(Reward.decision_id == decision_id)).scalars().first()
+    if existing is None:
+        row = Reward(decision_id=decision_id, reward=reward)
+        session.add(row)
+        session.flush()
+        return int(row.id), False  # type: ignore[arg-type]
+    if abs(existing.reward - reward) > 1e-12:
+        raise Conflict(f"decision {decision_id} already has reward {existing.reward}; rewards are recorded once")
+    return int(existing.id), True  # type: ignore[arg-type]
+
+
+def add_preference(session: Session, decision_id: str, winner: str, loser: str) -> tuple[int, bool]:
+    """Insert the preference once; the same pair again is a no-op (True), another pair is a conflict."""
+    existing = session.execute(select(Preference).where(Preference.decision_id == decision_id)).scalars().first()
+    if existing is None:
+        row = Preference(decision_id=decision_id, winner=winner, loser=loser)
+        session.add(row)
+        session.flush()
+        return int(row.id), False  # type: ignore[arg-type]
+    if (existing.winner, existing.loser) != (winner, loser):
+        raise Conflict(f"decision {decision_id} already has a preference {existing.winner} > {existing.loser}")
+    return int(existing.id), True  # type: ignore[arg-type]
+
+
+@dataclass
+class _Job:
+    work: Callable[[Session], Any]
+    after: Callable[[Any], None] | None
+    future: asyncio.Future[Any]
+
+
+class GroupWriter:
+    """Durable writes with group commit: the writes that arrive while a commit runs share the next one.
+
+    Each write runs in its own savepoint, so one that fails (unknown id, conflict) fails alone. A caller
+    is answered only after the transaction holding its write has committed, and its `after` callback
+    (e.g. learning from the reward) runs on the event loop right after that commit, before any other
+    coroutine, so state derived from the log never lags what the log acknowledged.
+    """
+
+    def __init__(self, engine: Engine, max_batch: int = 512) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, work: Callable[[Session], Any], after: Callable[[Any], None] | None = None) -> Any:
+        if self._task is None or self._task.done():
+            self._queue = asyncio.Queue()
+            self._task = asyncio.create_task(self._run())
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Job(work, after, future))  # type: ignore[union-attr]
+        return await asyncio.shield(future)
+
+    async def _run(self) -> None:
+        queue = self._queue
+        assert queue is not None
+        while True:
+            jobs = [await queue.get()]
+            while not queue.empty() and len(jobs) < self.max_batch:
+                jobs.append(queue.get_nowait())
+            try:
+                outcomes = await asyncio.to_thread(self._commit, jobs)
+            except Exception as exc:  # the commit itself failed: nobody in it is acknowledged
+                for job in jobs:
+                    job.future.set_exception(exc)
+                continue
+            for job, (ok, value) in zip(jobs, outcomes):
+                if ok and job.after is not None:
+                    job.after(value)
+                (job.future.set_result if ok else job.future.set_exception)(value)
+
+    def _commit(self, jobs: list[_Job]) -> list[tuple[bool, Any]]:
+        outcomes: list[tuple[bool, Any]] = []
+        with Session(self.engine, expire_on_commit=False) as session:
+            for job in jobs:
+                try:
+                    with session.begin_nested():
+                        outcomes.append((True, job.work(session)))
+                except Exception as exc:  # noqa: BLE001 - delivered to that job's caller
+                    outcomes.append((False, exc))
+            session.commit()
+        return outcomes
+
+    async def close(self) -> None:
+        """Finish what was submitted, then stop."""
+        if self._task is None:
+            return
+        while self._queue is not None and not self._queue.empty():
+            await asyncio.sleep(0.005)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+
 class Store:
+    """Reads, and the writes that are not on the request path (snapshots)."""
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-
-    def insert_decision(self, decision: Decision, embedding: QueryEmbedding | None) -> None:
-        with Session(self.engine) as session:
-            if embedding is not None:
-                session.add(embedding)
-                session.flush()
-            session.add(decision)
-            session.commit()
-
-    def finish_decision(self, decision_id: str, **fields: Any) -> None:
-        with Session(self.engine) as session:
-            decision = session.get(Decision, decision_id)
-            if decision is None:
-                raise NotFound(f"unknown decision_id {decision_id!r}")
-            for name, value in fields.items():
-                setattr(decision, name, value)
-            session.add(decision)
-            session.commit()
-
-    def decision_with_vector(self, decision_id: str) -> tuple[Decision, np.ndarray | None]:
-        with Session(self.engine) as session:
-            row = session.execute(
-                select(Decision, QueryEmbedding.vector)
-                .outerjoin(QueryEmbedding, QueryEmbedding.id == Decision.embedding_id)
-                .where(Decision.id == decision_id)
-            ).first()
-            if row is None:
-                raise NotFound(f"unknown decision_id {decision_id!r}")
-            session.expunge(row[0])
-            return row[0], _vector(row[1])
-
-    def record_reward(self, decision_id: str, reward: float) -> tuple[int, bool]:
-        """Insert the reward once; the same value again is a no-op, another value is a conflict."""
-        with Session(self.engine) as session:
-            existing = session.execute(select(Reward).where(Reward.decision_id == decision_id)).scalars().first()
-            if existing is None:
-                row = Reward(decision_id=decision_id, reward=reward)
-                session.add(row)
-                try:
-                    session.commit()
-                except IntegrityError:
-                    session.rollback()
-                    return self.record_reward(decision_id, reward)
-                return int(row.id), False  # type: ignore[arg-type]
-            if abs(existing.reward - reward) > 1e-12:
-                raise Conflict(
-                    f"decision {decision_id} already has reward {existing.reward}; rewards are recorded once"
-                )
-            return int(existing.id), True  # type: ignore[arg-type]
-
-    def record_preference(self, decision_id: str, winner: str, loser: str) -> tuple[int, bool]:
-        """Insert the preference once; the same pair again is a no-op, another pair is a conflict."""
-        with Session(self.engine) as session:
-            existing = session.execute(select(Preference).where(Preference.decision_id == decision_id)).scalars().first()
-            if existing is None:
-                row = Preference(decision_id=decision_id, winner=winner, loser=loser)
-                session.add(row)
-                try:
-                    session.commit()
-                except IntegrityError:
-                    session.rollback()
-                    return self.record_preference(decision_id, winner, loser)
-                return int(row.id), False  # type: ignore[arg-type]
-            if (existing.winner, existing.loser) != (winner, loser):
-                raise Conflict(f"decision {decision_id} already has a preference {existing.winner} > {existing.loser}")
-            return int(existing.id), True  # type: ignore[arg-type]
 
     def memory_rows(self, embedder: str, batch: int = 5000) -> Iterator[list[tuple[int, bytes, MemoryEntry]]]:
         """(memory id, vector, entry) of every stored query, in batches."""
