@@ -90,9 +90,10 @@ def replay_command(args: argparse.Namespace) -> int:
         return 2
     models = [m.strip() for m in args.models.split(",")] if args.models else None
     try:
+        budgets = [float(b) for b in args.budgets.split(",") if b.strip()] if args.budgets else None
         reports = run(args.data, policies, seeds, args.budget, Path(args.out), Embedder(config.embedder.path),
-                      models=models, policy_options=config.policy_options)
-    except (DatasetError, OSError) as exc:
+                      models=models, policy_options=config.policy_options, budgets=budgets, peers=args.peers)
+    except (DatasetError, OSError, ValueError) as exc:
         print(f"llm-router: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(reports[0], indent=2) if len(reports) == 1 else comparison_table(reports))
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     replay_parser.add_argument("--budget", type=float, default=None, help="target mean cost per query in USD")
     replay_parser.add_argument("--models", default=None, help="comma-separated subset of the file's models")
     replay_parser.add_argument("--out", default="var/replay", help="directory for report.json")
+    replay_parser.add_argument("--budgets", default=None, help="comma-separated budget sweep (USD per query): AIQ, plots")
+    replay_parser.add_argument("--peers", action="store_true", help="add MABWiser and river rows on the same stream")
     replay_parser.add_argument("--config", help="config file (embedder, policy options)")
     replay_parser.set_defaults(run=replay_command)
     args = parser.parse_args(argv)

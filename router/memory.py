@@ -13,6 +13,9 @@ import numpy as np
 
 from policies import Neighbour
 
+# One query at a time: OpenMP threads only add wake-up latency (10+ ms on a busy 2-core machine).
+faiss.omp_set_num_threads(1)
+
 
 @dataclass(slots=True)
 class MemoryEntry:

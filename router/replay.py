@@ -20,6 +20,7 @@ import numpy as np
 from policies import registry
 from router.budget import BudgetPacer, OutputLengthModel
 from router.core import Candidate, RoutingCore
+from router.evaluation import aiq, apgr, cpt, upper_hull
 from router.memory import Memory
 
 
@@ -215,21 +216,83 @@ def report(dataset: Dataset, policy: str, seeds: list[int], passes: list[PassRes
 
 
 def comparison_table(reports: list[dict[str, Any]]) -> str:
-    """Markdown: one row per policy, then the references."""
+    """Markdown: one row per policy (peers marked), then the references."""
+    extra = [key for key in ("aiq", "apgr", "cpt50", "cpt80") if any(key in r for r in reports)]
     lines = [
-        "| policy | mean quality | quality, 2nd half | mean cost (USD) | decision p50 (ms) | decision p99 (ms) |",
-        "|---|---|---|---|---|---|",
+        "| policy | mean quality | quality, 2nd half | mean cost (USD) | decision p50 (ms) | decision p99 (ms) |"
+        + "".join(f" {key.upper()} |" for key in extra),
+        "|---|---|---|---|---|---|" + "---|" * len(extra),
     ]
     for r in reports:
         name = r["policy"] + (" (peer)" if r.get("peer") else "")
+        cells = "".join(f" {r[key]:.4f} |" if key in r else " |" for key in extra)
         lines.append(
             f"| {name} | {r['mean_quality']:.4f} | {r['mean_quality_second_half']:.4f} | {r['mean_cost_usd']:.3g} "
-            f"| {r['decision_ms_p50']:.3f} | {r['decision_ms_p99']:.3f} |"
+            f"| {r['decision_ms_p50']:.3f} | {r['decision_ms_p99']:.3f} |{cells}"
         )
     for name, ref in reports[0]["references"].items():
         label = f"{name} ({ref['model']})" if "model" in ref else name
-        lines.append(f"| *{label}* | {ref['quality']:.4f} | | {ref['cost_usd']:.3g} | | |")
+        lines.append(f"| *{label}* | {ref['quality']:.4f} | | {ref['cost_usd']:.3g} | | |" + " |" * len(extra))
     return "\n".join(lines) + "\n"
+
+
+PEER_COST_WEIGHTS = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0)  # peers trade quality for cost through a fixed lambda
+
+
+class Evaluation:
+    """Runs policies (and peers) over one dataset: the main passes, budget sweeps, and the metrics."""
+
+    def __init__(self, dataset: Dataset, vectors: np.ndarray, seeds: list[int], policy_options: dict[str, dict[str, Any]] | None = None) -> None:
+        self.dataset = dataset
+        self.vectors = vectors
+        self.seeds = seeds
+        self.policy_options = policy_options or {}
+
+    def passes(self, method: str, peer: bool, budget_usd: float | None = None, cost_weight: float = 0.0) -> list[PassResult]:
+        if peer:
+            from router.peers import peer_pass
+
+            return [peer_pass(self.dataset, self.vectors, method, seed, cost_weight=cost_weight) for seed in self.seeds]
+        return [replay_pass(self.dataset, self.vectors, method, seed, budget_usd, self.policy_options.get(method)) for seed in self.seeds]
+
+    def sweep(self, method: str, peer: bool, budgets: list[float]) -> list[dict[str, float]]:
+        """(budget or lambda, mean cost, mean quality, share of calls per model) for each sweep setting."""
+        settings = [("cost_weight", w) for w in PEER_COST_WEIGHTS] if peer else [("budget_usd", b) for b in budgets]
+        points = []
+        for key, value in settings:
+            runs = self.passes(method, peer, budget_usd=value if key == "budget_usd" else None, cost_weight=value if key == "cost_weight" else 0.0)
+            choices = [c for run in runs for c in run.choices]
+            points.append({
+                key: value,
+                "mean_cost_usd": float(np.mean([r.costs.mean() for r in runs])),
+                "mean_quality": float(np.mean([r.qualities.mean() for r in runs])),
+                "shares": {m: choices.count(m) / len(choices) for m in self.dataset.model_names},
+            })
+        return points
+
+    def two_model_budgets(self) -> list[float]:
+        """Budgets spanning the weak model's cost to the strong one's: the strong-call-share sweep."""
+        weak, strong = self._weak_strong()
+        costs = {m: np.mean([p.outcomes[m].cost_usd for p in self.dataset.prompts]) for m in (weak, strong)}
+        return [float(costs[weak] + share * (costs[strong] - costs[weak])) for share in np.linspace(0.1, 0.9, 9)]
+
+    def _weak_strong(self) -> tuple[str, str]:
+        first, second = self.dataset.model_names
+        quality = {m: np.mean([p.outcomes[m].quality for p in self.dataset.prompts]) for m in (first, second)}
+        return (first, second) if quality[first] <= quality[second] else (second, first)
+
+    def routellm_metrics(self, sweep: list[dict[str, Any]]) -> dict[str, float | str]:
+        weak, strong = self._weak_strong()
+        q = {m: float(np.mean([p.outcomes[m].quality for p in self.dataset.prompts])) for m in (weak, strong)}
+        shares = [point["shares"][strong] for point in sweep]
+        qualities = [point["mean_quality"] for point in sweep]
+        return {
+            "weak_model": weak,
+            "strong_model": strong,
+            "apgr": apgr(shares, qualities, q[weak], q[strong]),
+            "cpt50": cpt(0.5, shares, qualities, q[weak], q[strong]),
+            "cpt80": cpt(0.8, shares, qualities, q[weak], q[strong]),
+        }
 
 
 def run(
@@ -242,18 +305,82 @@ def run(
     models: list[str] | None = None,
     policy_options: dict[str, dict[str, Any]] | None = None,
     cache_dir: Path | None = None,
+    budgets: list[float] | None = None,
+    peers: bool = False,
 ) -> list[dict[str, Any]]:
-    """Replay `policies` over `data` and write one report.json per policy (and a table for several)."""
+    """Replay `policies` (and peers) over `data`; write report.json per method, a table and plots."""
     dataset = load_dataset(data, models)
     vectors = embed_dataset(data, dataset, embedder, cache_dir or Path.home() / ".cache" / "llm-router" / "embeddings")
-    reports = []
-    for policy in policies:
-        passes = [replay_pass(dataset, vectors, policy, seed, budget_usd, (policy_options or {}).get(policy)) for seed in seeds]
-        result = report(dataset, policy, seeds, passes, budget_usd)
-        target = out / policy if len(policies) > 1 else out
-        target.mkdir(parents=True, exist_ok=True)
-        (target / "report.json").write_text(json.dumps(result, indent=2))
+    evaluation = Evaluation(dataset, vectors, seeds, policy_options)
+    two_models = len(dataset.models) == 2
+    sweep_budgets = budgets or (evaluation.two_model_budgets() if two_models else None)
+    methods = [(p, False) for p in policies]
+    if peers:
+        from router.peers import PEERS
+
+        methods += [(p, True) for p in PEERS]
+    reports, runs = [], {}
+    for method, peer in methods:
+        passes = evaluation.passes(method, peer, budget_usd=budget_usd)
+        result = report(dataset, method, seeds, passes, budget_usd)
+        result["peer"] = peer
+        if sweep_budgets:
+            result["budget_sweep"] = evaluation.sweep(method, peer, sweep_budgets)
+            if two_models:
+                result.update(evaluation.routellm_metrics(result["budget_sweep"]))
         reports.append(result)
-    if len(policies) > 1:
+        runs[method] = passes
+    if sweep_budgets:
+        max_cost = max(point["mean_cost_usd"] for r in reports for point in r["budget_sweep"])
+        for r in reports:
+            r["aiq"] = aiq([(p["mean_cost_usd"], p["mean_quality"]) for p in r["budget_sweep"]], max_cost)
+            r["aiq_max_cost_usd"] = max_cost
+    several = len(reports) > 1
+    for r in reports:
+        target = out / r["policy"] if several else out
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "report.json").write_text(json.dumps(r, indent=2))
+    if several:
         (out / "comparison.md").write_text(comparison_table(reports))
+        plot(reports, runs, out)
     return reports
+
+
+def plot(reports: list[dict[str, Any]], runs: dict[str, list[PassResult]], out: Path) -> None:
+    """`running_quality.png` (running mean quality along the stream, with the references) and, after a
+    budget sweep, `cost_quality.png` (each method's sweep points and hull)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(9, 5.5))
+    for r in reports:
+        curves = [np.cumsum(p.qualities) / np.arange(1, len(p.qualities) + 1) for p in runs[r["policy"]]]
+        axis.plot(np.mean(curves, axis=0), label=r["policy"] + (" (peer)" if r.get("peer") else ""),
+                  linestyle="--" if r.get("peer") else "-", linewidth=1.2)
+    for name, ref in reports[0]["references"].items():
+        axis.axhline(ref["quality"], color="grey", linestyle=":", linewidth=0.8)
+        axis.annotate(name, (0, ref["quality"]), fontsize=7, color="grey", va="bottom")
+    axis.set(xlabel="prompts seen", ylabel="running mean quality", title=f"{reports[0]['dataset']}: online replay, mean over seeds")
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(out / "running_quality.png", dpi=120)
+    plt.close(figure)
+    if "budget_sweep" not in reports[0]:
+        return
+    figure, axis = plt.subplots(figsize=(9, 5.5))
+    for r in reports:
+        points = [(p["mean_cost_usd"], p["mean_quality"]) for p in r["budget_sweep"]]
+        hull = upper_hull(points)
+        line = axis.plot([x for x, _ in hull], [y for _, y in hull], linestyle="--" if r.get("peer") else "-",
+                         label=f"{r['policy']} (AIQ {r['aiq']:.3f})")
+        axis.scatter([x for x, _ in points], [y for _, y in points], s=12, color=line[0].get_color())
+    for name, ref in reports[0]["references"].items():
+        axis.scatter([ref["cost_usd"]], [ref["quality"]], marker="x", color="black")
+        axis.annotate(name, (ref["cost_usd"], ref["quality"]), fontsize=7)
+    axis.set(xlabel="mean cost per query (USD)", ylabel="mean quality", title=f"{reports[0]['dataset']}: budget sweep")
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(out / "cost_quality.png", dpi=120)
+    plt.close(figure)
