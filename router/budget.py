@@ -9,7 +9,8 @@ Pacing: with a target (mean USD per query, or USD per hour), a Lagrange multipli
 reward units: every policy maximises reward - lambda * cost / cost_scale, where cost_scale is the target
 cost per query, so lambda = 1 means "paying the target costs one unit of reward". After each observed
 cost, lambda moves by `step` times the relative error of the recent mean cost against the target (raised
-when spend runs above it, lowered when below, never below 0). Without a target, lambda is the configured
+when spend runs above it, lowered when below, never below 0). A backend whose predicted cost exceeds the
+headroom (target times queries so far plus one, minus spend) is not a candidate, unless none fits. Without a target, lambda is the configured
 static `cost_weight` against the mean predicted cost of the candidates.
 """
 
@@ -97,6 +98,17 @@ class BudgetPacer:
             rate = max(self.queries / hours, 1.0)
             return self.target_usd_per_hour / rate
         return None
+
+    def headroom(self) -> float | None:
+        """What the next query may cost without the running mean passing the target (None: no target).
+
+        Pacing through lambda steers the average; this bound keeps exploration from overspending while
+        lambda is still finding its level (an expensive backend is tried once savings have paid for it).
+        """
+        target = self.target_per_query()
+        if target is None:
+            return None
+        return target * (self.queries + 1) - self.spent_usd
 
     def cost_scale(self, predicted_costs: list[float]) -> float:
         target = self.target_per_query()

@@ -156,6 +156,10 @@ class RoutingCore:
         over_budget = not affordable
         if over_budget:
             affordable = [min(arms, key=lambda a: a.predicted_cost_usd)]
+        headroom = self.pacer.headroom()
+        if headroom is not None and pinned is None:
+            paced = [a for a in affordable if a.predicted_cost_usd <= headroom]
+            affordable = paced or [min(affordable, key=lambda a: a.predicted_cost_usd)]
         context = Context(
             embedding=embedding,
             prompt_tokens=prompt_tokens,
