@@ -94,8 +94,8 @@ class RouterConfig(_Strict):
     database_url: str = "sqlite:///var/llm-router.db"
     auto_migrate: bool = Field(default=True, description="Upgrade the database schema at start.")
     log_dir: str = Field(default="var/logs", description="Where managed backends write their logs.")
-    default_policy: str = "qlearning"
-    policies: list[str] = Field(default_factory=lambda: ["qlearning", "random"])
+    default_policy: str = "thompson"
+    policies: list[str] = Field(default_factory=lambda: ["thompson", "qlearning", "vw", "elo", "gradient", "random"])
     policy_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     seed: int | None = None
     snapshot_every: int = Field(default=200, ge=1, description="Snapshot policy state every N rewards (and at exit).")

@@ -83,7 +83,7 @@ def test_reward_moves_the_stats(router):
     assert after["backends"][decision["backend"]]["rewards"] == 1
     assert after["backends"][decision["backend"]]["mean_reward"] == pytest.approx(0.8)
     assert after["policies"]["qlearning"]["internals"]["q_values"][decision["backend"]] == pytest.approx(0.8)
-    made_by_policy = after["policies"]["qlearning"]["decisions"][decision["backend"]]
+    made_by_policy = after["policies"][decision["policy"]]["decisions"][decision["backend"]]
     assert made_by_policy["rewards"] == 1 and made_by_policy["answered"] == 1 and made_by_policy["total_cost_usd"] > 0
     again = httpx.post(f"{router.url}/v1/rewards", json={"decision_id": decision["decision_id"], "reward": 0.8})
     assert again.status_code == 200 and again.json()["duplicate"] is True
