@@ -8,7 +8,7 @@ import pytest
 
 from policies import registry
 from router.core import Candidate
-from router.replay import Dataset, Outcome, Prompt, load_dataset, references, replay_pass, run
+from router.replay import Dataset, Outcome, Prompt, load_dataset, references, replay_pass
 
 ROWS = [json.loads(line) for line in (Path(__file__).parent.parent / "data" / "two_kinds.jsonl").read_text().splitlines()]
 LEARNING = [n for n in registry.names() if n not in ("random", "fixed")]
