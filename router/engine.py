@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -63,7 +63,6 @@ class Routed:
     info: RouterInfo
     order: list[str]
     pinned: bool
-    started: float = field(default_factory=time.perf_counter)
 
 
 class RoutingEngine:
