@@ -13,7 +13,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,12 +25,21 @@ from router.budget import BudgetPacer, OutputLengthModel
 from router.config import BackendConfig, RouterConfig
 from router.core import PINNED, Candidate, DecisionRecord, RoutingCore
 from router.db import create_db_engine, migrate
-from router.embedding import Embedder
+from router.embedding import Embedder, EmbeddingBatcher
 from router.errors import BadGateway, BadRequest, Conflict, GatewayTimeout, NotFound, ServiceUnavailable, UpstreamClientError
 from router.memory import Memory
 from router.metrics import RouterMetrics
 from router.protocol import ChatCompletionRequest, RewardRequest, RewardResponse, RouterInfo, RouterOptions
-from router.store import GroupWriter, Store, add_decision, add_preference, add_reward, finish_decision, load_decision
+from router.store import (
+    GroupWriter,
+    Store,
+    add_decision,
+    add_preference,
+    add_reward,
+    finish_decision,
+    load_decision,
+    write_snapshot,
+)
 from router.tables import Decision, QueryEmbedding
 
 log = logging.getLogger("llm_router")
@@ -93,7 +101,7 @@ class RoutingEngine:
             output_lengths=OutputLengthModel(default_tokens=budget.default_output_tokens),
             neighbours=config.embedder.neighbours,
         )
-        self._embed_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self._embed_batcher = EmbeddingBatcher(self.embedder)  # concurrent requests share one encode
         self._background: set[asyncio.Task[Any]] = set()
         self._health_task: asyncio.Task[None] | None = None
         self._learned = (0, 0)  # highest (reward id, preference id) whose learning is in the policies
@@ -168,10 +176,10 @@ class RoutingEngine:
                 await self._health_task
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        await self.writer.close()
         await self.save_snapshot()
+        await self.writer.close()
         await self.pool.close()
-        self._embed_executor.shutdown(wait=False)
+        self._embed_batcher.close()
         self.db.dispose()
 
     async def check_backends(self) -> None:
@@ -195,9 +203,7 @@ class RoutingEngine:
     # -- deciding ---------------------------------------------------------------------------------
 
     async def embed(self, text: str) -> np.ndarray:
-        loop = asyncio.get_running_loop()
-        vectors = await loop.run_in_executor(self._embed_executor, self.embedder.embed, [text])
-        return vectors[0]
+        return await self._embed_batcher.embed_one(text)
 
     def _policy_name(self, options: RouterOptions) -> str:
         name = options.policy or self.active_policy
@@ -447,8 +453,8 @@ class RoutingEngine:
         """
         states = {name: policy.snapshot() for name, policy in self.policies.items()}
         states[ROUTER_STATE] = self.core.snapshot()
-        await asyncio.to_thread(self.store.save_snapshot, states, *self._learned)
-        await asyncio.to_thread(self.store.prune_snapshots)
+        learned = self._learned
+        await self.writer.submit(lambda session: write_snapshot(session, states, *learned))
 
     # -- inspection -------------------------------------------------------------------------------
 

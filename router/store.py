@@ -88,6 +88,19 @@ def add_preference(session: Session, decision_id: str, winner: str, loser: str) 
     return int(existing.id), True  # type: ignore[arg-type]
 
 
+def write_snapshot(session: Session, states: dict[str, dict[str, Any]], last_reward_id: int, last_preference_id: int, keep: int = 3) -> None:
+    """One row per policy (and one for the router), then drop all but the newest `keep` of each."""
+    for name, state in states.items():
+        session.add(PolicySnapshot(policy=name, state=state, last_reward_id=last_reward_id, last_preference_id=last_preference_id))
+    session.flush()
+    for name in states:
+        stale = session.execute(
+            select(PolicySnapshot.id).where(PolicySnapshot.policy == name).order_by(PolicySnapshot.id.desc()).offset(keep)
+        ).scalars().all()
+        if stale:
+            session.execute(delete(PolicySnapshot).where(PolicySnapshot.id.in_(stale)))
+
+
 @dataclass
 class _Job:
     work: Callable[[Session], Any]
@@ -214,13 +227,6 @@ class Store:
             )
             yield from heapq.merge(scalar, pairwise, key=lambda f: (f.created_at, f.preference is not None, f.feedback_id))
 
-    def save_snapshot(self, states: dict[str, dict[str, Any]], last_reward_id: int, last_preference_id: int) -> None:
-        """One row per policy (and one for the router), written in one transaction."""
-        with Session(self.engine) as session:
-            for name, state in states.items():
-                session.add(PolicySnapshot(policy=name, state=state, last_reward_id=last_reward_id, last_preference_id=last_preference_id))
-            session.commit()
-
     def latest_snapshots(self) -> dict[str, PolicySnapshot]:
         with Session(self.engine) as session:
             latest = select(PolicySnapshot.policy, func.max(PolicySnapshot.id).label("id")).group_by(PolicySnapshot.policy).subquery()
@@ -228,17 +234,6 @@ class Store:
             for row in rows:
                 session.expunge(row)
             return {row.policy: row for row in rows}
-
-    def prune_snapshots(self, keep: int = 3) -> None:
-        """Keep the newest `keep` snapshots of each policy."""
-        with Session(self.engine) as session:
-            for (policy,) in session.execute(select(PolicySnapshot.policy).distinct()).all():
-                ids = session.execute(
-                    select(PolicySnapshot.id).where(PolicySnapshot.policy == policy).order_by(PolicySnapshot.id.desc()).offset(keep)
-                ).scalars().all()
-                if ids:
-                    session.execute(delete(PolicySnapshot).where(PolicySnapshot.id.in_(ids)))
-            session.commit()
 
     def summary(self) -> dict[str, dict[str, dict[str, Any]]]:
         """Durable tallies from the log: per backend, and per policy and backend (who made the decision).
