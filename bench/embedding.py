@@ -1,0 +1,131 @@
+"""Embedding benchmark: the sentence-transformers reference against the fast ONNX path (float32, the
+default, and the opt-in int8 variant).
+
+Run from the repository root (a few minutes; the shared routing data must lie in ../shared/data):
+
+    .venv/bin/python bench/embedding.py
+    .venv/bin/python bench/embedding.py --rounds 5 --memory 2000 --queries 200 --threads 1
+
+For each embedder it prints, as medians over `--rounds` interleaved rounds (the machine may be busy):
+- single-query latency p50/p99 (`embed([text])`, one call at a time) on tests/data/two_kinds.jsonl, the
+  prompts that bench/overhead.py sends to /v1/route;
+- throughput in texts/s of `embed` on batches of 32, and of `EmbeddingBatcher.embed_one` driven by 32
+  concurrent callers (the router's path at concurrency 32).
+Then, for each fast variant, fidelity on real prompts from ../shared/data/*_routing.jsonl: cosine(fast, reference) over the
+memory and query prompts, and neighbour recall@10: the share of each query's 10 nearest memory prompts
+(inner product on unit vectors, as FAISS) under the reference that the fast path also finds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from router.embedding import Embedder, EmbeddingBatcher
+
+CONCURRENCY = 32
+
+
+def latencies_ms(embedder: Embedder, texts: list[str]) -> list[float]:
+    out = []
+    for text in texts:
+        started = time.perf_counter()
+        embedder.embed([text])
+        out.append((time.perf_counter() - started) * 1000)
+    return out
+
+
+def batched_per_s(embedder: Embedder, texts: list[str]) -> float:
+    started = time.perf_counter()
+    for i in range(0, len(texts), CONCURRENCY):
+        embedder.embed(texts[i : i + CONCURRENCY])
+    return len(texts) / (time.perf_counter() - started)
+
+
+async def batcher_per_s(embedder: Embedder, texts: list[str]) -> float:
+    """`CONCURRENCY` callers, each sending its next text as soon as its last one is answered."""
+    batcher = EmbeddingBatcher(embedder)
+    queue = list(reversed(texts))
+
+    async def caller() -> None:
+        while queue:
+            await batcher.embed_one(queue.pop())
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(CONCURRENCY)))
+    batcher.close()
+    return len(texts) / (time.perf_counter() - started)
+
+
+def recall_at_10(fast: np.ndarray, ref: np.ndarray, memory: int) -> float:
+    def top(vectors: np.ndarray) -> np.ndarray:
+        return np.argsort(-(vectors[memory:] @ vectors[:memory].T), axis=1)[:, :10]
+
+    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top(fast), top(ref), strict=True)]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--memory", type=int, default=2000, help="memory prompts for recall")
+    parser.add_argument("--queries", type=int, default=200, help="query prompts for recall")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: the Embedder's)")
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    args = parser.parse_args()
+
+    embedders = {
+        "reference": Embedder(backend="torch"),
+        "fast": Embedder(threads=args.threads),
+        "fast-int8": Embedder(quantize=True, threads=args.threads),
+    }
+    prompts = [json.loads(line)["prompt"] for line in (ROOT / "tests" / "data" / "two_kinds.jsonl").open()]
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start", flush=True)
+
+    figures: dict[str, dict[str, list[float]]] = {name: {"p50": [], "p99": [], "batch": [], "batcher": []} for name in embedders}
+    for name, embedder in embedders.items():
+        embedder.embed(prompts[:8])  # warm-up
+    for round_ in range(args.rounds):
+        order = list(embedders.items())
+        random.Random(round_).shuffle(order)
+        for name, embedder in order:
+            times = latencies_ms(embedder, prompts)
+            figures[name]["p50"].append(float(np.percentile(times, 50)))
+            figures[name]["p99"].append(float(np.percentile(times, 99)))
+            figures[name]["batch"].append(batched_per_s(embedder, prompts))
+            figures[name]["batcher"].append(asyncio.run(batcher_per_s(embedder, prompts)))
+        print(f"round {round_ + 1}/{args.rounds} done, load average {os.getloadavg()[0]:.1f}", flush=True)
+
+    print(f"\nmedians over {args.rounds} rounds, {len(prompts)} prompts from two_kinds.jsonl")
+    print(f"{'backend':<10} {'p50 ms':>8} {'p99 ms':>8} {'batch32/s':>10} {'batcher c32/s':>14}")
+    for name, row in figures.items():
+        p50, p99, batch, batcher = (statistics.median(row[k]) for k in ("p50", "p99", "batch", "batcher"))
+        print(f"{name:<10} {p50:>8.1f} {p99:>8.1f} {batch:>10.0f} {batcher:>14.0f}")
+
+    pool = [json.loads(line)["prompt"] for file in sorted(args.data.glob("*_routing.jsonl")) for line in file.open()]
+    random.Random(0).shuffle(pool)
+    texts = pool[: args.memory + args.queries]
+    ref = embedders["reference"].embed(texts)
+    print(f"\nfidelity against the reference on {len(texts)} prompts from {args.data} "
+          f"(recall@10: {args.queries} queries, {args.memory} memory prompts)")
+    for name in ("fast", "fast-int8"):
+        vectors = embedders[name].embed(texts)
+        cosine = (vectors * ref).sum(axis=1)
+        print(f"{name:<10} cosine mean {cosine.mean():.6f} min {cosine.min():.6f}  "
+              f"recall@10 {recall_at_10(vectors, ref, args.memory):.3f}  name {embedders[name].name}")
+
+
+if __name__ == "__main__":
+    main()

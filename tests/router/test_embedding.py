@@ -1,0 +1,110 @@
+"""The fast (ONNX) embedder against the sentence-transformers reference, and the request batcher."""
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from router.embedding import MAX_BATCH, Embedder, EmbeddingBatcher, length_chunks
+
+PROMPTS = [json.loads(line)["prompt"] for line in (Path(__file__).parents[1] / "data" / "two_kinds.jsonl").open()]
+LONG = " ".join(["The quick brown fox jumps over the lazy dog."] * 80)  # past the 256-token limit: truncated
+
+
+@pytest.fixture(scope="module")
+def reference() -> Embedder:
+    return Embedder(backend="torch")
+
+
+def top10(vectors: np.ndarray, memory: int = 100) -> np.ndarray:
+    """Each query's 10 nearest memory prompts by inner product (exact search, as FAISS's)."""
+    return np.argsort(-(vectors[memory:] @ vectors[:memory].T), axis=1)[:, :10]
+
+
+def test_default_int8_embeddings_stay_faithful_to_the_reference(embedder: Embedder, reference: Embedder) -> None:
+    assert (embedder.backend, embedder.dim) == ("onnx", reference.dim)
+    assert embedder.name != reference.name  # different vectors must never share a memory
+    fast, ref = embedder.embed([*PROMPTS, LONG]), reference.embed([*PROMPTS, LONG])
+    cosine = (fast * ref).sum(axis=1)
+    assert 0.99 <= cosine.mean() < 0.9999 and cosine.min() >= 0.98  # close, but really quantised
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top10(fast[:-1]), top10(ref[:-1]), strict=True)])
+    assert recall >= 0.9
+
+
+def test_float32_onnx_gives_the_reference_vectors(reference: Embedder) -> None:
+    exact = Embedder(quantize=False)
+    assert exact.name == reference.name  # same vectors, so the same memory
+    cosine = (exact.embed([*PROMPTS, LONG]) * reference.embed([*PROMPTS, LONG])).sum(axis=1)
+    assert cosine.min() >= 0.9999
+
+
+def test_embed_keeps_order_shape_and_unit_norm(embedder: Embedder) -> None:
+    texts = [LONG, PROMPTS[0], "hi", PROMPTS[70], ""]
+    together = embedder.embed(texts)
+    assert together.shape == (len(texts), embedder.dim) and together.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
+    alone = np.stack([embedder.embed([text])[0] for text in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-5)  # padding in a batch changes nothing
+    assert embedder.embed([]).shape == (0, embedder.dim)
+
+
+def test_length_chunks_cover_every_index_once_with_similar_lengths() -> None:
+    lengths = [300, 12, 30, 13, 256, 40, *([20] * 100)]
+    chunks = length_chunks(lengths)
+    assert sorted(i for chunk in chunks for i in chunk) == list(range(len(lengths)))
+    for chunk in chunks:
+        sizes = [lengths[i] for i in chunk]
+        assert len(chunk) <= MAX_BATCH and max(sizes) <= 2 * max(min(sizes), 8)
+    assert [len(chunk) for chunk in chunks] == [64, 40, 2]  # [12, 13, 20 x62], [20 x38, 30, 40], [256, 300]
+
+
+class Counting:
+    """An embedder that records the batch sizes it was called with."""
+
+    def __init__(self, inner: Embedder, fail: bool = False) -> None:
+        self.inner, self.fail, self.calls = inner, fail, []
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        self.calls.append(len(texts))
+        if self.fail:
+            raise RuntimeError("encoder broke")
+        return self.inner.embed(texts)
+
+
+async def test_batcher_batches_requests_that_arrive_during_an_encode(embedder: Embedder) -> None:
+    counting = Counting(embedder)
+    batcher = EmbeddingBatcher(counting)  # type: ignore[arg-type]
+    try:
+        texts = PROMPTS[:40]
+        first = asyncio.create_task(batcher.embed_one(texts[0]))
+        await asyncio.sleep(0)  # the first request reaches the encoder alone, without waiting for company
+        rest = await asyncio.gather(*(batcher.embed_one(text) for text in texts[1:]))
+        vectors = np.stack([await first, *rest])
+        assert counting.calls == [1, len(texts) - 1]  # the others queued behind it and went as one batch
+        np.testing.assert_allclose(vectors, np.stack([embedder.embed([t])[0] for t in texts]), atol=1e-5)
+    finally:
+        batcher.close()
+
+
+async def test_batcher_splits_at_max_batch(embedder: Embedder) -> None:
+    counting = Counting(embedder)
+    batcher = EmbeddingBatcher(counting, max_batch=8)  # type: ignore[arg-type]
+    try:
+        vectors = await asyncio.gather(*(batcher.embed_one(text) for text in PROMPTS[:20]))
+        assert counting.calls == [8, 8, 4] and len(vectors) == 20
+    finally:
+        batcher.close()
+
+
+async def test_batcher_passes_errors_to_every_caller_and_recovers(embedder: Embedder) -> None:
+    counting = Counting(embedder, fail=True)
+    batcher = EmbeddingBatcher(counting)  # type: ignore[arg-type]
+    try:
+        results = await asyncio.gather(*(batcher.embed_one(t) for t in PROMPTS[:5]), return_exceptions=True)
+        assert all(isinstance(r, RuntimeError) for r in results)
+        counting.fail = False
+        assert (await batcher.embed_one(PROMPTS[0])).shape == (embedder.dim,)
+    finally:
+        batcher.close()
