@@ -1,12 +1,12 @@
 """Query embeddings with MiniLM, loaded from disk only (model hubs are not reachable).
 
-The default runs the model with ONNX Runtime and int8 weights (`quantize=True`): measured on this 2-core
-CPU against `SentenceTransformer.encode`, one query costs 3.5 ms instead of 12 ms (p50) and batches go
-3.4x faster, while the vectors stay faithful (mean cosine 0.997, neighbour recall@10 0.91-0.93 on real
-prompts). `quantize=False` keeps float32 weights: the reference's vectors exactly (cosine 1.0000, recall
-1.0), at half the speed of int8. Shorter sequences (128 tokens: mean cosine 0.98, worst 0.65) and int8
-everywhere (recall@10 0.899) were rejected. The ONNX files are made once from the local weights (torch
-export, then ONNX Runtime quantisation) and cached under ~/.cache/llm-router/.
+The default runs the model in ONNX Runtime with 8-bit weights (`quantize=True`) on two threads. Measured
+on the 2-core target against `SentenceTransformer.encode` (bench/embedding.py): one query takes 4.4 ms
+instead of 12 ms (p50) and batches go 2.3x faster, and the vectors stay faithful (mean cosine 0.9997,
+neighbour recall@10 0.98 on real prompts). `quantize=False` gives the reference's vectors exactly
+(cosine 1.0000) at about 15% less speed. Rejected: 128-token inputs (mean cosine 0.98, worst 0.65) and
+dynamic int8 (recall@10 0.90, and a text's vector changed with the texts batched beside it). The ONNX
+files are made once from the local weights and cached under ~/.cache/llm-router/.
 
 `EmbeddingBatcher` turns concurrent single-query requests into batches, for throughput under load.
 """
@@ -86,14 +86,12 @@ def export_onnx(model_dir: Path, target: Path) -> None:
 
 
 def quantize_onnx(source: Path, target: Path) -> None:
-    """8-bit weights in blocks of 32 (ONNX Runtime's MatMulNBits), activations quantised per row at run time.
-
-    Dynamic int8 (`quantize_dynamic`) was faster still but rejected: its activation scale spans the whole
-    batch, so a text's vector changed with the texts batched beside it (cosine 0.996 to itself alone).
-    """
+    """8-bit weights in blocks of 32 (ONNX Runtime's MatMulNBits); activations are quantised per row at
+    run time, so a text's vector does not depend on the other texts in its batch."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # calls logging.basicConfig
+    # importing this module calls logging.basicConfig
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     root.handlers[:] = handlers  # undo that, so the service's logging stays as configured
     root.setLevel(level)
@@ -107,7 +105,7 @@ def quantize_onnx(source: Path, target: Path) -> None:
 
 
 def onnx_file(model_dir: Path, quantize: bool = False) -> Path:
-    """The cached ONNX export of `model_dir` (int8 if `quantize`), keyed by the content of its config and weights."""
+    """The cached ONNX export of `model_dir` (8-bit weights if `quantize`), keyed by the content of its config and weights."""
     digest = hashlib.sha256(f"v{EXPORT_VERSION}".encode())
     for name in ("config.json", "model.safetensors", "pytorch_model.bin"):
         if (model_dir / name).is_file():
@@ -117,7 +115,7 @@ def onnx_file(model_dir: Path, quantize: bool = False) -> Path:
         export_onnx(model_dir, target)
     if not quantize:
         return target
-    quantized = target.with_suffix(".int8.onnx")
+    quantized = target.with_suffix(".q8.onnx")
     if not quantized.is_file():
         quantize_onnx(target, quantized)
     return quantized
@@ -127,10 +125,10 @@ class Embedder:
     """Unit-normalised float32 embeddings, so inner product in FAISS is cosine similarity.
 
     backend "onnx" (default, fast) or "torch" (`SentenceTransformer.encode`, the float32 reference).
-    `quantize` (onnx only) picks int8 weights; the vectors differ slightly from float32's, so each has
-    its own `name`, the key of the on-disk memory (onnx float32 shares the reference's: same vectors).
-    `threads` is ONNX Runtime's intra-op thread count; two (the target machine's cores) nearly double
-    batched throughput over one.
+    `quantize` (onnx only) picks 8-bit weights; their vectors differ slightly from float32's, so they
+    have their own `name`, the key of the on-disk memory and caches (onnx float32 shares the
+    reference's). `threads` is ONNX Runtime's intra-op thread count; two nearly double batched
+    throughput over one on the 2-core target.
     """
 
     def __init__(
@@ -152,8 +150,8 @@ class Embedder:
             self._load_onnx(resolved, quantize, threads or min(2, os.cpu_count() or 1))
         else:
             raise ValueError(f"unknown embedder backend {backend!r}; use 'onnx' or 'torch'")
-        int8 = "-int8" if backend == "onnx" and quantize else ""
-        self.name = f"{resolved.name}-{self.dim}{int8}"  # the memory key: one per set of vectors
+        q8 = "-q8" if backend == "onnx" and quantize else ""
+        self.name = f"{resolved.name}-{self.dim}{q8}"  # the memory key: one per set of vectors
 
     def _load_onnx(self, model_dir: Path, quantize: bool, threads: int) -> None:
         import onnxruntime
