@@ -84,8 +84,8 @@ timeout_s = {timeout_s}
 """
 
 
-def write_config(path: Path, database_url: str, backends: str, extra: str = "") -> Path:
-    path.write_text(f'database_url = "{database_url}"\nseed = 7\n{extra}\n[health]\ninterval_s = 1.0\n{backends}')
+def write_config(path: Path, database_url: str, backends: str, extra: str = "", health_interval_s: float = 1.0) -> Path:
+    path.write_text(f'database_url = "{database_url}"\nseed = 7\n{extra}\n[health]\ninterval_s = {health_interval_s}\n{backends}')
     return path
 
 

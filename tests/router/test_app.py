@@ -12,10 +12,10 @@ from tests.conftest import backend_table, free_port, write_config
 pytestmark = pytest.mark.vllm
 
 
-def _config(tmp_path, url, ports, extra_backends=""):
+def _config(tmp_path, url, ports, extra_backends="", health_interval_s=1.0):
     backends = backend_table("smol-a", ports["smol-a"], 0.05, 0.10) + backend_table("smol-b", ports["smol-b"], 0.50, 1.50)
     policies = "policies = [" + ", ".join(f'"{p}"' for p in registry.names()) + "]"
-    return write_config(tmp_path / "router.toml", url, backends + extra_backends, policies)
+    return write_config(tmp_path / "router.toml", url, backends + extra_backends, policies, health_interval_s)
 
 
 @pytest.fixture
@@ -140,7 +140,8 @@ def test_inspection_endpoints(router):
 
 def test_a_backend_that_is_down_gives_502_503_or_fails_over(tmp_path, sqlite_url, vllm_backends, start_router):
     dead = backend_table("dead", free_port(), 0.0, 0.0, timeout_s=5)
-    router = start_router(_config(tmp_path, sqlite_url, vllm_backends, extra_backends=dead))
+    # one health check at start, none later: the test marks the dead backend "unchecked" itself below
+    router = start_router(_config(tmp_path, sqlite_url, vllm_backends, extra_backends=dead, health_interval_s=3600))
     status = {b["name"]: b for b in httpx.get(f"{router.url}/v1/backends").json()["backends"]}
     assert status["dead"]["healthy"] is False and "ConnectError" in status["dead"]["last_error"]
 
