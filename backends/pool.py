@@ -1,6 +1,6 @@
 """The set of backends and what the router knows of each: client, health, queue depth, failures.
 
-Backends can be added and removed at run time; health is refreshed by `check_all` on a schedule and
+Health is refreshed by `check_all` on a schedule and
 marked down at once when a call fails, so the next request avoids a server that just refused one.
 """
 
@@ -39,9 +39,6 @@ class BackendPool:
 
     def add(self, spec: BackendSpec) -> None:
         self._states[spec.name] = BackendState(BackendClient(spec, self.http))
-
-    def remove(self, name: str) -> None:
-        self._states.pop(name, None)
 
     def __contains__(self, name: str) -> bool:
         return name in self._states

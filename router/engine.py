@@ -222,7 +222,8 @@ class RoutingEngine:
         if not names:
             raise ServiceUnavailable("no healthy backend: every backend failed its last health check")
 
-        vector = await self.embed(request.query_text())
+        query = request.query_text()
+        vector = await self.embed(query)
         prompt_tokens = estimate_tokens(request.prompt_text())
         cap = options.max_cost_usd if options.max_cost_usd is not None else (self.config.budget.default_max_cost_usd or None)
         candidates = [
@@ -242,7 +243,7 @@ class RoutingEngine:
             id=decision_id,
             kind=kind,
             requested_model=request.model,
-            query=request.query_text(),
+            query=query,
             prompt_tokens_estimate=prompt_tokens,
             embedding_id=memory_id,
             policy=record.policy,

@@ -174,7 +174,7 @@ class GroupWriter:
 
 
 class Store:
-    """Reads, and the writes that are not on the request path (snapshots)."""
+    """Reads (every write goes through `GroupWriter`, so SQLite has a single writer)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
