@@ -1,18 +1,42 @@
-"""The set of backends and what the router knows of each: client, health, queue depth, failures.
+"""The set of backends and what the router knows of each: client, health, queue depth, failures, breaker.
 
-Health is refreshed by `check_all` on a schedule and
-marked down at once when a call fails, so the next request avoids a server that just refused one.
+Whether a request may go to a backend is its circuit breaker's call (`backends.breaker`), not the
+health flag: a failed call or a failed health check opens the breaker, so the next request avoids a
+server that just failed one; after the open period one request probes it again.
+
+A request's path through the pool (the engine's side):
+
+    for name in order:                      # candidates, from `eligible()` at decision time
+        if not pool.acquire(name):          # refused (open, or another request holds the probe)
+            continue
+        try:
+            result = await call(name)
+        except BackendError as error:
+            if error.retryable:
+                pool.record_failure(name, str(error))   # connection error, timeout, 5xx
+            else:
+                pool.record_success(name)               # a 4xx: the backend is up and answered
+            ...
+        except BaseException:
+            pool.release(name)              # cancelled / client gone: no verdict
+            raise
+        else:
+            pool.record_success(name)
+
+`healthy` stays the last health check's verdict, for reporting only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
+from backends.breaker import BreakerSettings, CircuitBreaker
 from backends.client import BackendClient, BackendSpec, HealthReport
 
 
@@ -23,7 +47,8 @@ class BackendState:
     last_error: str | None = None
     last_check: float | None = None
     queue: dict[str, float] = field(default_factory=dict)
-    failures: int = 0
+    failures: int = 0  # failed requests (health check failures are counted in the breaker)
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
 
     @property
     def spec(self) -> BackendSpec:
@@ -31,14 +56,24 @@ class BackendState:
 
 
 class BackendPool:
-    def __init__(self, specs: list[BackendSpec], http: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self,
+        specs: list[BackendSpec],
+        http: httpx.AsyncClient | None = None,
+        breaker: BreakerSettings | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.http = http or httpx.AsyncClient(limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200))
+        self.breaker_settings = breaker or BreakerSettings()
+        self._clock = clock
         self._states: dict[str, BackendState] = {}
         for spec in specs:
             self.add(spec)
 
     def add(self, spec: BackendSpec) -> None:
-        self._states[spec.name] = BackendState(BackendClient(spec, self.http))
+        breaker = CircuitBreaker(self.breaker_settings, self._clock)
+        self._states[spec.name] = BackendState(BackendClient(spec, self.http), breaker=breaker)
 
     def __contains__(self, name: str) -> bool:
         return name in self._states
@@ -50,15 +85,38 @@ class BackendPool:
         return self._states[name]
 
     def eligible(self) -> list[BackendState]:
-        """Backends not known to be down (unchecked ones count as up)."""
-        return [s for s in self._states.values() if s.healthy is not False]
+        """Backends whose breaker would let a request through now: closed, or ready for a probe.
+
+        Takes nothing (the probe slot is taken by `acquire`), so a backend listed here may still be
+        refused by `acquire` when another request took its probe slot in between.
+        """
+        return [s for s in self._states.values() if s.breaker.available]
+
+    def acquire(self, name: str) -> bool:
+        """Call right before sending a request to `name`; False: skip it, try the next candidate.
+
+        True obliges the caller to end with exactly one of record_success, record_failure or release.
+        """
+        return self._states[name].breaker.try_acquire()
+
+    def record_success(self, name: str) -> None:
+        self._states[name].breaker.record_success()
+
+    def record_failure(self, name: str, reason: str) -> None:
+        """A request failed for the backend's sake (connection error, timeout, 5xx): counted, breaker told."""
+        state = self._states[name]
+        state.failures += 1
+        state.last_error = reason
+        state.breaker.record_failure(reason)
+
+    def release(self, name: str) -> None:
+        """An acquired request ended without a verdict on the backend (client gone, cancelled)."""
+        self._states[name].breaker.release()
 
     def mark_failed(self, name: str, reason: str) -> None:
-        state = self._states.get(name)
-        if state is not None:
-            state.healthy = False
-            state.last_error = reason
-            state.failures += 1
+        """Old name of `record_failure` (unknown names ignored); kept until every caller moved."""
+        if name in self._states:
+            self.record_failure(name, reason)
 
     async def check_all(self, timeout_s: float) -> None:
         states = list(self._states.values())
@@ -74,6 +132,10 @@ class BackendPool:
         if report.error:
             state.last_error = report.error
         state.queue = report.queue
+        if report.healthy:
+            state.breaker.record_health_success()
+        else:
+            state.breaker.record_health_failure(report.error or "health check failed")
 
     def describe(self) -> list[dict[str, Any]]:
         return [
@@ -90,6 +152,7 @@ class BackendPool:
                 "last_check": s.last_check,
                 "in_flight": s.client.in_flight,
                 "failures": s.failures,
+                "breaker": s.breaker.describe(),
                 "queue": {
                     "num_requests_running": s.queue.get("vllm:num_requests_running"),
                     "num_requests_waiting": s.queue.get("vllm:num_requests_waiting"),
