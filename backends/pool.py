@@ -113,11 +113,6 @@ class BackendPool:
         """An acquired request ended without a verdict on the backend (client gone, cancelled)."""
         self._states[name].breaker.release()
 
-    def mark_failed(self, name: str, reason: str) -> None:
-        """Old name of `record_failure` (unknown names ignored); kept until every caller moved."""
-        if name in self._states:
-            self.record_failure(name, reason)
-
     async def check_all(self, timeout_s: float) -> None:
         states = list(self._states.values())
         reports = await asyncio.gather(*(s.client.health(timeout_s) for s in states))

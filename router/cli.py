@@ -37,11 +37,17 @@ def serve(args: argparse.Namespace) -> int:
 
     from backends.launcher import BackendLauncher, LaunchError
     from router.app import create_app
+    from router.auth import Authenticator
     from router.engine import RoutingEngine
 
     config = _load(args)
     host = args.host or config.server.host
     port = args.port or config.server.port
+    try:
+        authenticator = Authenticator(config.auth, host, os.environ)
+    except ConfigError as exc:
+        print(f"llm-router: {exc}", file=sys.stderr)
+        return 2
     launcher = BackendLauncher(launch_targets(config), Path(config.log_dir))
     try:
         if launcher.targets:
@@ -50,7 +56,7 @@ def serve(args: argparse.Namespace) -> int:
             launcher.wait_ready()
         engine = RoutingEngine(config)
         print(f"llm-router: serving on http://{host}:{port} (policy {config.default_policy})", file=sys.stderr, flush=True)
-        uvicorn.run(create_app(engine), host=host, port=port, log_level=os.environ.get("LLM_ROUTER_LOG_LEVEL", "INFO").lower())
+        uvicorn.run(create_app(engine, authenticator), host=host, port=port, log_level=os.environ.get("LLM_ROUTER_LOG_LEVEL", "INFO").lower())
     except LaunchError as exc:
         print(f"llm-router: {exc}", file=sys.stderr)
         return 1

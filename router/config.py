@@ -90,6 +90,67 @@ class HealthConfig(_Strict):
     timeout_s: float = Field(default=2.0, gt=0, le=60)
 
 
+class BreakerConfig(_Strict):
+    """Per-backend circuit breaker: open after failures, probe one request after the open period."""
+
+    failure_threshold: int = Field(default=1, ge=1, description="Consecutive failed calls that open the breaker.")
+    open_s: float = Field(default=5.0, gt=0, le=3600, description="Seconds before the first half-open probe.")
+    max_open_s: float = Field(default=60.0, gt=0, le=86400, description="Cap of the open period, which doubles per failed probe.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BreakerConfig:
+        if self.open_s > self.max_open_s:
+            raise ValueError("open_s must not exceed max_open_s")
+        return self
+
+
+class ApiKeyConfig(_Strict):
+    """One API key: who holds it, what it may do, and how much it may spend.
+
+    The key itself never sits in the config: either its SHA-256 (hex) or the name of an environment
+    variable that holds it (hashed on load, so only hashes stay in memory).
+    """
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$", description="Tenant name.")
+    role: Literal["client", "admin"] = "client"
+    key_sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    key_env: str | None = Field(default=None, min_length=1, description="Environment variable holding the key.")
+    requests_per_minute: float = Field(default=0.0, ge=0, description="Rate limit; 0 = none.")
+    burst: int | None = Field(default=None, ge=1, description="Requests allowed at once (default: a minute's worth).")
+    max_spend_usd: float = Field(default=0.0, ge=0, description="Spending budget per period; 0 = none.")
+    budget_period: Literal["total", "day", "month"] = Field(default="total", description="UTC day or month, or ever.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKeyConfig:
+        if (self.key_sha256 is None) == (self.key_env is None):
+            raise ValueError(f"key {self.name!r}: set exactly one of key_sha256 or key_env")
+        return self
+
+
+class AuthConfig(_Strict):
+    open_on_loopback: bool = Field(
+        default=False, description="No key needed while the server listens on a loopback address (demo only)."
+    )
+    keys: list[ApiKeyConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> AuthConfig:
+        names = [k.name for k in self.keys]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate key names {duplicates}")
+        return self
+
+
+class LimitsConfig(_Strict):
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Largest request body; larger gets 413.")
+    max_messages: int = Field(default=256, ge=1, le=100_000)
+    max_message_chars: int = Field(default=100_000, ge=1, description="Longest text of one message.")
+    max_tokens: int = Field(
+        default=4096, ge=1, description="Most output tokens a request may ask for; sent upstream when it asks none."
+    )
+
+
 class RouterConfig(_Strict):
     database_url: str = "sqlite:///var/llm-router.db"
     auto_migrate: bool = Field(default=True, description="Upgrade the database schema at start.")
@@ -103,6 +164,9 @@ class RouterConfig(_Strict):
     embedder: EmbedderConfig = EmbedderConfig()
     budget: BudgetConfig = BudgetConfig()
     health: HealthConfig = HealthConfig()
+    breaker: BreakerConfig = BreakerConfig()
+    auth: AuthConfig = AuthConfig()
+    limits: LimitsConfig = LimitsConfig()
     backends: list[BackendConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -74,6 +74,14 @@ class DecisionRecord:
         )
 
 
+class SpendLimitReached(Exception):
+    """Not even the cheapest candidate fits the caller's remaining spending budget."""
+
+    def __init__(self, cheapest_usd: float) -> None:
+        super().__init__(f"the cheapest candidate costs about ${cheapest_usd:.6f}")
+        self.cheapest_usd = cheapest_usd
+
+
 @dataclass
 class CoreDecision:
     record: DecisionRecord
@@ -144,7 +152,10 @@ class RoutingCore:
         pinned: str | None = None,
         max_cost_usd: float | None = None,
         output_limit: int | None = None,
+        spend_limit_usd: float | None = None,
     ) -> CoreDecision:
+        """`max_cost_usd` is a soft cap (the cheapest backend is used when none fits); `spend_limit_usd`
+        is hard: when nothing fits it, `SpendLimitReached` is raised before anything is remembered."""
         neighbours = self.memory.search(embedding, self.neighbours)
         arms = [
             Arm(c.name, c.price_per_1m_input_tokens_usd, c.price_per_1m_output_tokens_usd,
@@ -152,6 +163,8 @@ class RoutingCore:
                              self.output_lengths.expected(c.name, neighbours, output_limit)))
             for c in candidates
         ]
+        if spend_limit_usd is not None:
+            arms = [a for a in arms if a.predicted_cost_usd <= spend_limit_usd] or self._reject(arms)
         affordable = [a for a in arms if max_cost_usd is None or a.predicted_cost_usd <= max_cost_usd]
         over_budget = not affordable
         if over_budget:
@@ -191,6 +204,10 @@ class RoutingCore:
         )
         self.memory.add(np.array([memory_id], dtype=np.int64), embedding.reshape(1, -1), [MemoryEntry(decision_id, choice.arm)])
         return CoreDecision(record, choice, context, max_cost_usd, over_budget)
+
+    @staticmethod
+    def _reject(arms: list[Arm]) -> list[Arm]:
+        raise SpendLimitReached(min(a.predicted_cost_usd for a in arms))
 
     def record_outcome(self, decision_id: str, backend: str, cost_usd: float, output_tokens: float | None) -> None:
         """An answer was produced (possibly by a failover backend): spend, answer length, memory."""

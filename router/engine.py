@@ -13,20 +13,32 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
+from backends.breaker import BreakerSettings
 from backends.client import BackendError, BackendSpec
 from backends.pool import BackendPool
 from policies import Policy, PolicyError, registry
+from router.auth import Principal, SpendLedger, period_start
 from router.budget import BudgetPacer, OutputLengthModel
 from router.config import BackendConfig, RouterConfig
-from router.core import PINNED, Candidate, DecisionRecord, RoutingCore
+from router.core import PINNED, Candidate, DecisionRecord, RoutingCore, SpendLimitReached
 from router.db import create_db_engine, migrate
 from router.embedding import Embedder, EmbeddingBatcher
-from router.errors import BadGateway, BadRequest, Conflict, GatewayTimeout, NotFound, ServiceUnavailable, UpstreamClientError
+from router.errors import (
+    BadGateway,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    GatewayTimeout,
+    NotFound,
+    ServiceUnavailable,
+    UpstreamClientError,
+)
 from router.memory import Memory
 from router.metrics import RouterMetrics
 from router.protocol import ChatCompletionRequest, RewardRequest, RewardResponse, RouterInfo, RouterOptions
@@ -71,6 +83,8 @@ class Routed:
     info: RouterInfo
     order: list[str]
     pinned: bool
+    tenant: str | None
+    failures: list[dict[str, Any]] = field(default_factory=list)  # each failed or skipped backend, with its reason
 
 
 class RoutingEngine:
@@ -83,7 +97,11 @@ class RoutingEngine:
             migrate(self.db)
         self.store = Store(self.db)
         self.writer = GroupWriter(self.db)
-        self.pool = BackendPool([backend_spec(b) for b in config.backends])
+        breaker = config.breaker
+        self.pool = BackendPool(
+            [backend_spec(b) for b in config.backends],
+            breaker=BreakerSettings(breaker.failure_threshold, breaker.open_s, breaker.max_open_s),
+        )
         budget = config.budget
         self.core = RoutingCore(
             policies={
@@ -106,8 +124,10 @@ class RoutingEngine:
         self._health_task: asyncio.Task[None] | None = None
         self._learned = (0, 0)  # highest (reward id, preference id) whose learning is in the policies
         self._since_snapshot = 0
+        self.spend = SpendLedger(config.auth.keys)
         self._load_memory()
         self._restore_state()
+        self._load_spend()
 
     @property
     def policies(self) -> dict[str, Policy]:
@@ -134,6 +154,11 @@ class RoutingEngine:
             vectors = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
             self.memory.add(ids, vectors, [r[2] for r in rows])
         self.metrics.memory_size.set(len(self.memory))
+
+    def _load_spend(self) -> None:
+        for tenant, key in self.spend.budgeted().items():
+            since = period_start(key.budget_period, datetime.now(UTC))
+            self.spend.load(tenant, self.store.tenant_spend(tenant, since))
 
     def _restore_state(self) -> None:
         """Latest snapshots, then every reward and preference acknowledged after them, in order.
@@ -211,8 +236,31 @@ class RoutingEngine:
             raise BadRequest(f"unknown policy {name!r}; this router runs {sorted(self.policies)}")
         return name
 
-    async def decide(self, request: ChatCompletionRequest, kind: str) -> Routed:
+    def _check_limits(self, request: ChatCompletionRequest) -> None:
+        limits = self.config.limits
+        if len(request.messages) > limits.max_messages:
+            raise BadRequest(f"messages: {len(request.messages)} messages; this router accepts at most {limits.max_messages}")
+        longest = max(len(m.text()) for m in request.messages)
+        if longest > limits.max_message_chars:
+            raise BadRequest(f"messages: a message has {longest} characters; this router accepts at most {limits.max_message_chars}")
+        asked = request.output_token_limit()
+        if asked is not None and asked > limits.max_tokens:
+            raise BadRequest(f"max_tokens: {asked} asked; this router allows at most {limits.max_tokens}")
+
+    def upstream_body(self, request: ChatCompletionRequest) -> dict[str, Any]:
+        """The request as the backend gets it, with the router's output cap when the client set none."""
+        body = request.upstream_body()
+        if request.output_token_limit() is None:
+            body["max_tokens"] = self.config.limits.max_tokens
+        return body
+
+    async def decide(self, request: ChatCompletionRequest, kind: str, caller: Principal | None = None) -> Routed:
         started = time.perf_counter()
+        self._check_limits(request)
+        tenant = caller.tenant if caller else None
+        remaining = self.spend.remaining(tenant)
+        if remaining is not None and remaining <= 0:
+            self.spend.check(tenant, 0.0)
         options = request.router or RouterOptions()
         policy_name = self._policy_name(options)
         pinned = request.model if request.model != "auto" else None
@@ -220,7 +268,7 @@ class RoutingEngine:
             raise NotFound(f"unknown backend {pinned!r}; use \"auto\" or one of {self.pool.names()}")
         names = [pinned] if pinned else [s.spec.name for s in self.pool.eligible()]
         if not names:
-            raise ServiceUnavailable("no healthy backend: every backend failed its last health check")
+            raise ServiceUnavailable("no backend available: every backend's circuit breaker is open after failures")
 
         query = request.query_text()
         vector = await self.embed(query)
@@ -232,16 +280,27 @@ class RoutingEngine:
         ]
         decision_id = "dec_" + uuid.uuid4().hex
         memory_id = uuid.uuid4().int >> 65  # 63 bits: a positive int64 id for FAISS
-        decided = self.core.decide(
-            decision_id, memory_id, vector, prompt_tokens, candidates,
-            policy=policy_name, pinned=pinned, max_cost_usd=cap, output_limit=request.output_token_limit(),
-        )
+        try:
+            decided = self.core.decide(
+                decision_id, memory_id, vector, prompt_tokens, candidates, policy=policy_name, pinned=pinned,
+                max_cost_usd=cap, output_limit=request.output_token_limit() or self.config.limits.max_tokens,
+                spend_limit_usd=remaining,
+            )
+        except SpendLimitReached as exc:
+            self.spend.check(tenant, exc.cheapest_usd)
+            raise
+        predicted = decided.context.arm(decided.choice.arm).predicted_cost_usd
+        if kind == "route":  # the client calls the backend itself: the predicted cost is what it spends
+            self.spend.settle(tenant, decision_id, predicted)
+        else:
+            self.spend.reserve(tenant, decision_id, predicted)
         record, choice = decided.record, decided.choice
         chosen = decided.context.arm(choice.arm)
         decision_ms = (time.perf_counter() - started) * 1000
         row = Decision(
             id=decision_id,
             kind=kind,
+            tenant=tenant,
             requested_model=request.model,
             query=query,
             prompt_tokens_estimate=prompt_tokens,
@@ -273,19 +332,35 @@ class RoutingEngine:
             over_budget=decided.over_budget,
             scores=choice.scores,
         )
-        return Routed(info=info, order=[choice.arm, *decided.fallbacks], pinned=pinned is not None)
+        return Routed(info=info, order=[choice.arm, *decided.fallbacks], pinned=pinned is not None, tenant=tenant)
 
-    async def route(self, request: ChatCompletionRequest) -> RouterInfo:
-        return (await self.decide(request, "route")).info
+    async def route(self, request: ChatCompletionRequest, caller: Principal | None = None) -> RouterInfo:
+        return (await self.decide(request, "route", caller)).info
 
     # -- generating -------------------------------------------------------------------------------
 
     def _on_backend_failure(self, routed: Routed, error: BackendError) -> None:
+        """Count the failure on the decision, in metrics and, unless it was the client's fault, in the breaker."""
         self.metrics.requests.labels(error.backend, "error").inc()
         routed.info.failed_backends.append(error.backend)
+        routed.failures.append({"backend": error.backend, "status": error.status, "reason": str(error)})
         if error.retryable:
-            self.pool.mark_failed(error.backend, str(error))
+            self.pool.record_failure(error.backend, str(error))
+        else:
+            self.pool.record_success(error.backend)  # it answered: the request was at fault, not the backend
         log.warning("decision %s: %s", routed.info.decision_id, error)
+
+    async def _attempts(self, routed: Routed) -> AsyncIterator[str]:
+        """The backends to call, in order, each admitted by its breaker (a pinned one always is).
+
+        The caller must end every attempt it gets with record_success, _on_backend_failure or release.
+        """
+        for backend in routed.order:
+            if routed.pinned or self.pool.acquire(backend):
+                yield backend
+            else:
+                routed.info.failed_backends.append(backend)
+                routed.failures.append({"backend": backend, "status": None, "reason": "circuit breaker open"})
 
     def _terminal_error(self, routed: Routed, error: BackendError | None) -> Exception:
         if error is not None and not error.retryable:
@@ -295,10 +370,12 @@ class RoutingEngine:
             return GatewayTimeout(f"backend {error.backend} timed out{detail}")
         if routed.pinned:
             return BadGateway(f"backend {routed.order[0]} failed{detail}")
-        return ServiceUnavailable(f"every candidate backend failed ({', '.join(routed.info.failed_backends)}){detail}")
+        reasons = "; ".join(f"{f['backend']}: {f['reason']}" for f in routed.failures)
+        return ServiceUnavailable(f"every candidate backend failed ({reasons})")
 
     async def _finish(self, routed: Routed, **fields: Any) -> None:
-        fields["failed_backends"] = list(routed.info.failed_backends)
+        self.spend.settle(routed.tenant, routed.info.decision_id, fields.get("cost_usd") or 0.0)
+        fields["failed_backends"] = list(routed.failures)
         await self.writer.submit(lambda session: finish_decision(session, routed.info.decision_id, **fields))
 
     def _record_answer(self, routed: Routed, backend: str, completion_tokens: int, cost_usd: float, latency_ms: float) -> None:
@@ -308,11 +385,11 @@ class RoutingEngine:
         self.metrics.cost.labels(backend).inc(cost_usd)
         self.metrics.backend_seconds.labels(backend).observe(latency_ms / 1000)
 
-    async def chat(self, request: ChatCompletionRequest) -> tuple[dict[str, Any], RouterInfo]:
-        routed = await self.decide(request, "chat")
-        body = request.upstream_body()
+    async def chat(self, request: ChatCompletionRequest, caller: Principal | None = None) -> tuple[dict[str, Any], RouterInfo]:
+        routed = await self.decide(request, "chat", caller)
+        body = self.upstream_body(request)
         last_error: BackendError | None = None
-        for backend in routed.order:
+        async for backend in self._attempts(routed):
             try:
                 result = await self.pool.state(backend).client.chat(body)
             except BackendError as error:
@@ -321,6 +398,10 @@ class RoutingEngine:
                 if error.retryable and not routed.pinned:
                     continue
                 break
+            except BaseException:
+                self.pool.release(backend)
+                raise
+            self.pool.record_success(backend)
             routed.info.cost_usd = result.cost_usd
             self._record_answer(routed, backend, result.completion_tokens, result.cost_usd, result.latency_ms)
             await self._finish(
@@ -333,16 +414,16 @@ class RoutingEngine:
         await self._finish(routed, status="error", error=str(last_error))
         raise self._terminal_error(routed, last_error)
 
-    async def chat_stream(self, request: ChatCompletionRequest) -> tuple[AsyncIterator[bytes], RouterInfo]:
+    async def chat_stream(self, request: ChatCompletionRequest, caller: Principal | None = None) -> tuple[AsyncIterator[bytes], RouterInfo]:
         """Open the upstream stream (failing over before the first byte), then relay its SSE events.
 
         The `router` object rides on the first chunk and, with the cost, on the usage chunk at the end.
         A failure in mid-stream reaches the client as an SSE `error` event, never as a hang.
         """
-        routed = await self.decide(request, "chat")
-        body = request.upstream_body()
+        routed = await self.decide(request, "chat", caller)
+        body = self.upstream_body(request)
         last_error: BackendError | None = None
-        for backend in routed.order:
+        async for backend in self._attempts(routed):
             try:
                 events, usage = await self.pool.state(backend).client.open_stream(body)
             except BackendError as error:
@@ -351,6 +432,10 @@ class RoutingEngine:
                 if error.retryable and not routed.pinned:
                     continue
                 break
+            except BaseException:
+                self.pool.release(backend)
+                raise
+            self.pool.record_success(backend)
             routed.info.backend = backend
             return self._relay(routed, backend, events, usage), routed.info
         await self._finish(routed, status="error", error=str(last_error))
@@ -409,8 +494,12 @@ class RoutingEngine:
         cost = decision.cost_usd if decision.cost_usd is not None else (decision.predicted_cost_usd or 0.0)
         self.core.learn(record, vector, reward, cost, decision.latency_ms or 0.0, learners=learners, with_router=with_router)
 
-    async def feedback(self, request: RewardRequest) -> RewardResponse:
-        """Record a reward or preference durably; every policy learns from it right after the commit."""
+    async def feedback(self, request: RewardRequest, caller: Principal | None = None) -> RewardResponse:
+        """Record a reward or preference durably; every policy learns from it right after the commit.
+
+        Only the key that made the decision may give feedback on it.
+        """
+        tenant = caller.tenant if caller else None
         pair = None if request.reward is not None else (request.winner, request.loser)
         if pair is not None:
             unknown = [b for b in pair if b not in self.pool]
@@ -419,6 +508,8 @@ class RoutingEngine:
 
         def write(session: Any) -> tuple[Decision, np.ndarray | None, int, bool]:
             decision, vector = load_decision(session, request.decision_id)
+            if caller is not None and decision.tenant != tenant:
+                raise Forbidden(f"decision {decision.id} was made by another key; only that key may give feedback on it")
             if decision.status == "error":
                 raise Conflict(f"decision {decision.id} produced no answer ({decision.error}); nothing to reward")
             if pair is not None:
@@ -474,4 +565,9 @@ class RoutingEngine:
             "budget": core["budget"],
             "expected_output_tokens": core["expected_output_tokens"],
             "memory_queries": len(self.memory),
+            "tenant_spend": self.spend.describe(),
+            "failover": {
+                name: {"failures": self.pool.state(name).failures, "breaker": self.pool.state(name).breaker.describe()}
+                for name in self.pool.names()
+            },
         }

@@ -10,11 +10,40 @@ class RouterError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+        self.headers: dict[str, str] = {}
 
 
 class BadRequest(RouterError):
     status = 400
     type = "invalid_request_error"
+
+
+class Unauthorized(RouterError):
+    status = 401
+    type = "authentication_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.headers = {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(RouterError):
+    status = 403
+    type = "permission_denied"
+
+
+class TooManyRequests(RouterError):
+    """A rate limit or a spending budget; Retry-After says when trying again can succeed."""
+
+    status = 429
+    type = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after_s: int | None = None, type_: str | None = None) -> None:
+        super().__init__(message)
+        if type_:
+            self.type = type_
+        if retry_after_s is not None:
+            self.headers = {"Retry-After": str(retry_after_s)}
 
 
 class NotFound(RouterError):

@@ -24,7 +24,8 @@ Configuration, kept as close to each library's defaults as the task allows:
 from __future__ import annotations
 
 import time
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 from mabwiser.mab import MAB, LearningPolicy

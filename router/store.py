@@ -222,10 +222,19 @@ class Store:
                 for i, created, r, d, v in session.execute(rewards).yield_per(1000)
             )
             pairwise = (
-                StoredFeedback(int(i), created, d, _vector(v), preference=(w, l))
-                for i, created, w, l, d, v in session.execute(preferences).all()
+                StoredFeedback(int(i), created, d, _vector(v), preference=(w, loser))
+                for i, created, w, loser, d, v in session.execute(preferences).all()
             )
             yield from heapq.merge(scalar, pairwise, key=lambda f: (f.created_at, f.preference is not None, f.feedback_id))
+
+    def tenant_spend(self, tenant: str, since: datetime) -> float:
+        """What a tenant's decisions since `since` cost: the real cost where known, else the predicted one."""
+        with Session(self.engine) as session:
+            total = session.execute(
+                select(func.sum(func.coalesce(Decision.cost_usd, Decision.predicted_cost_usd, 0.0)))
+                .where(Decision.tenant == tenant, Decision.created_at >= since, Decision.status != "error")
+            ).scalar()
+        return float(total or 0.0)
 
     def latest_snapshots(self) -> dict[str, PolicySnapshot]:
         with Session(self.engine) as session:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, LargeBinary, Text
+from sqlalchemy import JSON, BigInteger, Column, DateTime, LargeBinary, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -30,6 +30,7 @@ class Decision(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=64)
     created_at: datetime = Field(default_factory=utcnow, index=True, sa_type=DateTime(timezone=True))
     kind: str = Field(max_length=16, description="chat | route")
+    tenant: str | None = Field(default=None, max_length=64, index=True, description="API key name; None when open.")
     requested_model: str = Field(max_length=200)
     query: str = Field(sa_column=Column(Text, nullable=False))
     prompt_tokens_estimate: int
@@ -88,3 +89,46 @@ class PolicySnapshot(SQLModel, table=True):
     last_reward_id: int = 0
     last_preference_id: int = 0
     state: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+
+
+class ImportedOutcome(SQLModel, table=True):
+    """One model's recorded result on one prompt, imported from a file in the shared data format.
+
+    History for the predictors: unlike logged decisions, it holds every model's outcome per prompt.
+    """
+
+    __tablename__ = "imported_outcomes"
+    __table_args__ = (UniqueConstraint("source", "prompt_id", "model", name="uq_imported_outcome"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    source: str = Field(max_length=200, description="File name it came from.")
+    prompt_id: str = Field(max_length=200)
+    prompt: str = Field(sa_column=Column(Text, nullable=False))
+    dataset: str | None = Field(default=None, max_length=200)
+    model: str = Field(max_length=200, index=True)
+    quality: float
+    output_tokens: int | None = None
+    cost_usd: float | None = None
+    imported_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+
+
+class TrainingRun(SQLModel, table=True):
+    """One predictor training job: what it saw, how it scored, and whether it replaced the model in use."""
+
+    __tablename__ = "training_runs"
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=16, index=True, description="forc | hybrid")
+    trigger: str = Field(max_length=16, description="schedule | cli | replay")
+    started_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    duration_s: float | None = None
+    status: str = Field(max_length=16, description="ok | failed | skipped")
+    samples_train: int = 0
+    samples_validation: int = 0
+    validation_loss: float | None = None
+    current_validation_loss: float | None = Field(default=None, description="The model in use, on the same split.")
+    baseline_loss: float | None = None
+    promoted: bool = False
+    version: str | None = Field(default=None, max_length=64)
+    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))

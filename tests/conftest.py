@@ -85,7 +85,9 @@ timeout_s = {timeout_s}
 
 
 def write_config(path: Path, database_url: str, backends: str, extra: str = "", health_interval_s: float = 1.0) -> Path:
-    path.write_text(f'database_url = "{database_url}"\nseed = 7\n{extra}\n[health]\ninterval_s = {health_interval_s}\n{backends}')
+    """A service config; without an [auth] section in `extra` it runs open on loopback (no keys)."""
+    auth = "" if "[auth" in extra else "[auth]\nopen_on_loopback = true\n"
+    path.write_text(f'database_url = "{database_url}"\nseed = 7\n{extra}\n{auth}[health]\ninterval_s = {health_interval_s}\n{backends}')
     return path
 
 

@@ -255,8 +255,3 @@ async def test_a_cancelled_probe_gives_the_slot_back(pool, servers):
         await task
     assert pool.state("a").breaker.state == "half_open" and pool.acquire("a")
 
-
-async def test_mark_failed_is_record_failure(pool):
-    pool.mark_failed("nope", "ignored")
-    pool.mark_failed("b", "backend b: HTTP 500: oops")
-    assert _eligible(pool) == ["a"] and pool.state("b").failures == 1

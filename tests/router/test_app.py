@@ -154,13 +154,13 @@ def test_a_backend_that_is_down_gives_502_503_or_fails_over(tmp_path, sqlite_url
         assert routed.status_code == 200 and routed.json()["router"]["backend"] in ("smol-a", "smol-b")
 
     # Only the dead backend fits the cap: a clear 503, never a call above the cap.
-    router.engine.pool.state("dead").healthy = None
+    router.engine.pool.state("dead").breaker.reset()
     capped = httpx.post(f"{router.url}/v1/chat/completions", json=_chat(router={"max_cost_usd": 1e-12}), timeout=60)
     assert capped.status_code == 503 and "dead" in capped.json()["error"]["message"]
 
     # Went down since its last check: the request is retried on a healthy backend.
     for _ in range(30):
-        router.engine.pool.state("dead").healthy = None
+        router.engine.pool.state("dead").breaker.reset()
         response = httpx.post(f"{router.url}/v1/chat/completions", json=_chat(router={"policy": "random"}), timeout=120)
         assert response.status_code == 200
         info = response.json()["router"]

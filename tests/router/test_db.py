@@ -2,7 +2,10 @@ from sqlalchemy import inspect
 
 from router.db import create_db_engine, migrate
 
-TABLES = {"decisions", "query_embeddings", "rewards", "preferences", "policy_snapshots", "alembic_version"}
+TABLES = {
+    "decisions", "query_embeddings", "rewards", "preferences", "policy_snapshots", "imported_outcomes", "training_runs",
+    "alembic_version",
+}
 
 
 def _migrate_from_empty(url: str) -> None:
@@ -13,7 +16,7 @@ def _migrate_from_empty(url: str) -> None:
         migrate(engine)  # idempotent: a second upgrade to head changes nothing
         assert TABLES <= set(inspect(engine).get_table_names())
         columns = {c["name"] for c in inspect(engine).get_columns("decisions")}
-        assert {"backend", "policy", "propensity", "scores", "cost_usd", "latency_ms", "status", "embedding_id"} <= columns
+        assert {"backend", "policy", "propensity", "scores", "cost_usd", "latency_ms", "status", "embedding_id", "tenant"} <= columns
     finally:
         engine.dispose()
 
