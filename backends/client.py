@@ -205,7 +205,7 @@ class BackendClient:
                 if data == "[DONE]":
                     usage.completed = True
                     yield None
-                    continue
+                    return
                 try:
                     event = json.loads(data)
                 except ValueError as exc:
@@ -214,6 +214,7 @@ class BackendClient:
                     usage.prompt_tokens, usage.completion_tokens = _usage(event)
                     usage.cost_usd = self.spec.cost_usd(usage.prompt_tokens, usage.completion_tokens)
                 yield event
+            raise BackendError(self.spec.name, "stream ended before [DONE] (connection closed)", status=502, retryable=True)
         except httpx.HTTPError as exc:
             raise self._failure(exc) from exc
         finally:

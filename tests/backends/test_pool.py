@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -16,71 +13,7 @@ from backends.breaker import BreakerSettings
 from backends.client import BackendError, BackendSpec
 from backends.pool import BackendPool
 from tests.conftest import free_port
-
-
-class FakeVLLM:
-    """A tiny OpenAI-compatible server: /health, /v1/models, /metrics, /v1/chat/completions.
-
-    `health_status` and `chat_status` say what it answers; `chat_delay_s` holds chat answers back.
-    """
-
-    def __init__(self, model: str) -> None:
-        self.model = model
-        self.health_status = 200
-        self.chat_status = 200
-        self.chat_delay_s = 0.0
-        self.chats = 0
-        self._stop = threading.Event()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _send(self, status: int, body: Any, content_type: str = "application/json") -> None:
-                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                if self.path == "/health":
-                    self._send(server.health_status, {})
-                elif self.path == "/v1/models":
-                    self._send(200, {"data": [{"id": server.model}]})
-                elif self.path == "/metrics":
-                    self._send(200, "vllm:num_requests_running 1.0\nvllm:num_requests_waiting 0.0\n", "text/plain")
-                else:
-                    self._send(404, {"error": {"message": "not found"}})
-
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                server.chats += 1
-                if server.chat_delay_s:
-                    server._stop.wait(server.chat_delay_s)
-                if server.chat_status != 200:
-                    self._send(server.chat_status, {"error": {"message": f"status {server.chat_status}"}})
-                    return
-                self._send(
-                    200,
-                    {
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
-                        "usage": {"prompt_tokens": 3, "completion_tokens": 1},
-                    },
-                )
-
-        self._http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._http.daemon_threads = True
-        self.port = self._http.server_address[1]
-        self._thread = threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._http.shutdown()
-        self._http.server_close()
+from tests.fake_backend import FakeVLLM
 
 
 class Clock:
