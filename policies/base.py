@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import random
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -51,6 +52,24 @@ class Neighbour:
 
 
 @dataclass(frozen=True, slots=True)
+class Predictions:
+    """What trained predictors say about this query; a field is None while its model is not trained.
+
+    `quality`, `output_tokens`: FORC's per-arm estimates (a length is None where training saw none);
+    `cost_usd`: the router's pricing of them. `small_ok`: Hybrid-LLM's P(the small backend is good
+    enough), with the pair it was trained on and its calibrated threshold.
+    """
+
+    quality: Mapping[str, float] | None = None
+    output_tokens: Mapping[str, float | None] | None = None
+    cost_usd: Mapping[str, float] | None = None
+    small_ok: float | None = None
+    small: str | None = None
+    large: str | None = None
+    threshold: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Context:
     embedding: np.ndarray
     prompt_tokens: int
@@ -58,6 +77,8 @@ class Context:
     neighbours: tuple[Neighbour, ...] = ()
     cost_weight: float = 0.0  # lambda: reward given up per `cost_scale` USD of predicted cost
     cost_scale: float = 1.0  # USD
+    predictions: Predictions = Predictions()
+    max_cost_usd: float | None = None  # the per-request cap the arms were filtered with
 
     @property
     def arm_names(self) -> list[str]:

@@ -33,7 +33,14 @@ import math
 from typing import Any
 
 from policies.base import (
-    Choice, Context, Feedback, Neighbour, Policy, PolicyError, epsilon_greedy_probabilities, registry,
+    Choice,
+    Context,
+    Feedback,
+    Neighbour,
+    Policy,
+    PolicyError,
+    epsilon_greedy_probabilities,
+    registry,
 )
 
 

@@ -140,6 +140,11 @@ async def config(engine: NamedDependency[RoutingEngine]) -> dict[str, Any]:
     return engine.config.model_dump(mode="json", exclude={"auth": {"keys": {"__all__": {"key_sha256"}}}})
 
 
+@post("/v1/predictors/train", status_code=HTTP_200_OK, summary="Retrain the predictors now (admin)", guards=[admin_guard])
+async def train_predictors(engine: NamedDependency[RoutingEngine]) -> dict[str, Any]:
+    return {"runs": await engine.train("api")}
+
+
 @get("/health", summary="Liveness and backend availability")
 async def health(engine: NamedDependency[RoutingEngine]) -> dict[str, Any]:
     up = [s.spec.name for s in engine.pool.eligible()]
@@ -167,7 +172,9 @@ def create_app(engine: RoutingEngine, authenticator: Authenticator | None = None
         return engine
 
     return Litestar(
-        route_handlers=[chat_completions, route, rewards, policy_stats, set_active_policy, backends, config, health, metrics],
+        route_handlers=[
+            chat_completions, route, rewards, policy_stats, set_active_policy, backends, config, train_predictors, health, metrics,
+        ],
         dependencies={"engine": provide_engine, "caller": provide_caller},
         state=State({"authenticator": authenticator}),
         request_max_body_size=engine.config.limits.max_body_bytes,

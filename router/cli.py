@@ -1,4 +1,4 @@
-"""`llm-router`: serve, migrate."""
+"""`llm-router`: serve, migrate, import, train, replay."""
 
 from __future__ import annotations
 
@@ -75,6 +75,49 @@ def migrate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def import_command(args: argparse.Namespace) -> int:
+    import json
+
+    from router.db import create_db_engine, migrate
+    from router.history import HistoryFileError, import_file
+
+    config = _load(args)
+    try:
+        rename = dict(pair.split("=", 1) for pair in args.rename)
+    except ValueError:
+        print("llm-router: --as takes MODEL=BACKEND", file=sys.stderr)
+        return 2
+    db = create_db_engine(config.database_url)
+    try:
+        if config.auto_migrate:
+            migrate(db)
+        counts = import_file(db, args.file, rename)
+    except (HistoryFileError, OSError) as exc:
+        print(f"llm-router: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        db.dispose()
+    backends = {b.name for b in config.backends}
+    print(json.dumps({"file": args.file, **counts, "backends_configured": sorted(backends)}))
+    return 0
+
+
+def train_command(args: argparse.Namespace) -> int:
+    import json
+
+    from router.db import create_db_engine, migrate
+    from router.training import run_training
+
+    config = _load(args)
+    if config.auto_migrate:
+        db = create_db_engine(config.database_url)
+        migrate(db)
+        db.dispose()
+    runs = run_training(config, "cli")
+    print(json.dumps(runs, indent=2))
+    return 1 if any(run["status"] == "failed" for run in runs) else 0
+
+
 def replay_command(args: argparse.Namespace) -> int:
     import json
 
@@ -119,6 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     migrate_parser = commands.add_parser("migrate", help="upgrade the database schema to head")
     migrate_parser.add_argument("--config")
     migrate_parser.set_defaults(run=migrate_command)
+    import_parser = commands.add_parser("import", help="load a file of recorded outcomes as history for the predictors")
+    import_parser.add_argument("file", help="JSONL in the shared data format (every model's outcome per prompt)")
+    import_parser.add_argument("--as", dest="rename", action="append", default=[], metavar="MODEL=BACKEND",
+                               help="store MODEL's outcomes under BACKEND (repeatable)")
+    import_parser.add_argument("--config")
+    import_parser.set_defaults(run=import_command)
+    train_parser = commands.add_parser("train", help="train the predictors once (FORC, Hybrid-LLM) and promote if better")
+    train_parser.add_argument("--config")
+    train_parser.set_defaults(run=train_command)
     replay_parser = commands.add_parser("replay", help="replay recorded outcomes through the routing core")
     replay_parser.add_argument("--data", required=True, help="routing file in the shared data format (*.jsonl)")
     replay_parser.add_argument("--policy", required=True, help="policy name, or 'all'")

@@ -104,6 +104,40 @@ class BreakerConfig(_Strict):
         return self
 
 
+class PredictorsConfig(_Strict):
+    """The FORC and Hybrid-LLM predictors: where models live, how and when they are retrained."""
+
+    artifacts_dir: str = Field(default="var/predictors", description="Versioned model directories.")
+    backbone: str = Field(default="", description="DistilBERT/DeBERTa/... checkpoint directory; empty: packaged MiniLM.")
+    schedule: Literal["off", "interval", "cron"] = "interval"
+    interval_minutes: float = Field(default=60.0, gt=0)
+    cron: str = Field(default="0 3 * * *", description="Crontab line (UTC), used when schedule = 'cron'.")
+    min_samples: int = Field(default=50, ge=2, description="Prompts with outcomes needed before a model is trained.")
+    max_samples: int | None = Field(default=20_000, ge=2, description="Train on at most the latest N prompts.")
+    threads: int = Field(default=1, ge=1, description="torch threads of the training process.")
+    epochs: int = Field(default=2, ge=0)
+    max_length: int = Field(default=128, ge=8, le=4096)
+    batch_size: int = Field(default=32, ge=1)
+    learning_rate: float = Field(default=5e-5, ge=0)
+    trainable_layers: int | None = Field(default=None, ge=0, description="Fine-tune only the top N layers; None: all.")
+    validation_fraction: float = Field(default=0.2, gt=0, lt=1)
+    hybrid_small: str = Field(default="", description="Hybrid pair; empty: the backend with the cheapest output.")
+    hybrid_large: str = Field(default="", description="Empty: the backend with the dearest output.")
+    hybrid_tolerance: float = Field(default=0.0, ge=0, le=1, description="Small is good enough within this of large.")
+    target_large_share: float = Field(default=0.5, ge=0, le=1, description="Share of queries Hybrid sends to large.")
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(value)
+        except ValueError as exc:
+            raise ValueError(f"not a crontab line: {exc}") from exc
+        return value
+
+
 class ApiKeyConfig(_Strict):
     """One API key: who holds it, what it may do, and how much it may spend.
 
@@ -165,6 +199,7 @@ class RouterConfig(_Strict):
     budget: BudgetConfig = BudgetConfig()
     health: HealthConfig = HealthConfig()
     breaker: BreakerConfig = BreakerConfig()
+    predictors: PredictorsConfig = PredictorsConfig()
     auth: AuthConfig = AuthConfig()
     limits: LimitsConfig = LimitsConfig()
     backends: list[BackendConfig] = Field(min_length=1)
@@ -186,6 +221,9 @@ class RouterConfig(_Strict):
         unknown_options = [p for p in self.policy_options if p not in registry.names()]
         if unknown_options:
             raise ValueError(f"policy_options: unknown policies {unknown_options}")
+        for field, name in (("hybrid_small", self.predictors.hybrid_small), ("hybrid_large", self.predictors.hybrid_large)):
+            if name and name not in names:
+                raise ValueError(f"predictors.{field}: unknown backend {name!r}; backends: {names}")
         return self
 
     @property
@@ -195,6 +233,11 @@ class RouterConfig(_Strict):
 
     def backend(self, name: str) -> BackendConfig | None:
         return next((b for b in self.backends if b.name == name), None)
+
+    def hybrid_pair(self) -> tuple[str, str]:
+        """(small, large) for Hybrid-LLM: as configured, else the cheapest and the dearest output price."""
+        by_price = sorted(self.backends, key=lambda b: (b.price_per_1m_output_tokens_usd, b.price_per_1m_input_tokens_usd))
+        return self.predictors.hybrid_small or by_price[0].name, self.predictors.hybrid_large or by_price[-1].name
 
 
 def _format_validation_error(error: ValidationError) -> str:

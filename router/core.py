@@ -8,12 +8,12 @@ service wraps it with embedding, the database and backend calls; the replay feed
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from policies import Arm, Choice, Context, Feedback, Neighbour, Policy, importance_weight
+from policies import Arm, Choice, Context, Feedback, Neighbour, Policy, Predictions, importance_weight
 from router.budget import BudgetPacer, OutputLengthModel, predict_cost
 from router.memory import Memory, MemoryEntry
 
@@ -50,7 +50,10 @@ class DecisionRecord:
         """The JSON-friendly parts, as stored on the decision row."""
         return {
             "candidates": [asdict(a) for a in self.arms],
-            "neighbours": [[n.decision_id, n.arm, n.similarity, n.reward, list(n.preference) if n.preference else None, n.output_tokens] for n in self.neighbours],
+            "neighbours": [
+                [n.decision_id, n.arm, n.similarity, n.reward, list(n.preference) if n.preference else None, n.output_tokens]
+                for n in self.neighbours
+            ],
             "cost_weight": self.cost_weight,
             "cost_scale": self.cost_scale,
             "shadow": {"probabilities": self.shadow, "choices": self.shadow_choices},
@@ -153,6 +156,7 @@ class RoutingCore:
         max_cost_usd: float | None = None,
         output_limit: int | None = None,
         spend_limit_usd: float | None = None,
+        predictions: Predictions | None = None,
     ) -> CoreDecision:
         """`max_cost_usd` is a soft cap (the cheapest backend is used when none fits); `spend_limit_usd`
         is hard: when nothing fits it, `SpendLimitReached` is raised before anything is remembered."""
@@ -180,6 +184,8 @@ class RoutingCore:
             neighbours=neighbours,
             cost_weight=self.pacer.lam,
             cost_scale=self.pacer.cost_scale([a.predicted_cost_usd for a in affordable]),
+            predictions=self._priced(predictions, arms, prompt_tokens) if predictions else Predictions(),
+            max_cost_usd=max_cost_usd,
         )
         deciding = policy or self.active
         shadow: dict[str, Choice] = {}
@@ -204,6 +210,20 @@ class RoutingCore:
         )
         self.memory.add(np.array([memory_id], dtype=np.int64), embedding.reshape(1, -1), [MemoryEntry(decision_id, choice.arm)])
         return CoreDecision(record, choice, context, max_cost_usd, over_budget)
+
+    @staticmethod
+    def _priced(predictions: Predictions, arms: list[Arm], prompt_tokens: int) -> Predictions:
+        """FORC's lengths turned into costs with each arm's prices (the router's estimate where it has none)."""
+        if predictions.output_tokens is None:
+            return predictions
+        costs = {}
+        for arm in arms:
+            tokens = predictions.output_tokens.get(arm.name)
+            costs[arm.name] = (
+                arm.predicted_cost_usd if tokens is None
+                else predict_cost(arm.price_per_1m_input_tokens_usd, arm.price_per_1m_output_tokens_usd, prompt_tokens, tokens)
+            )
+        return replace(predictions, cost_usd=costs)
 
     @staticmethod
     def _reject(arms: list[Arm]) -> list[Arm]:

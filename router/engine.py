@@ -22,7 +22,7 @@ import numpy as np
 from backends.breaker import BreakerSettings
 from backends.client import BackendError, BackendSpec
 from backends.pool import BackendPool
-from policies import Policy, PolicyError, registry
+from policies import Policy, PolicyError, Predictions, registry
 from router.auth import Principal, SpendLedger, period_start
 from router.budget import BudgetPacer, OutputLengthModel
 from router.config import BackendConfig, RouterConfig
@@ -41,6 +41,7 @@ from router.errors import (
 )
 from router.memory import Memory
 from router.metrics import RouterMetrics
+from router.predicting import PredictorSet
 from router.protocol import ChatCompletionRequest, RewardRequest, RewardResponse, RouterInfo, RouterOptions
 from router.store import (
     GroupWriter,
@@ -53,6 +54,7 @@ from router.store import (
     write_snapshot,
 )
 from router.tables import Decision, QueryEmbedding
+from router.training import TrainingScheduler, recent_runs
 
 log = logging.getLogger("llm_router")
 
@@ -125,6 +127,8 @@ class RoutingEngine:
         self._learned = (0, 0)  # highest (reward id, preference id) whose learning is in the policies
         self._since_snapshot = 0
         self.spend = SpendLedger(config.auth.keys)
+        self.predictors = self._predictor_set()
+        self.training: TrainingScheduler | None = None
         self._load_memory()
         self._restore_state()
         self._load_spend()
@@ -154,6 +158,14 @@ class RoutingEngine:
             vectors = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
             self.memory.add(ids, vectors, [r[2] for r in rows])
         self.metrics.memory_size.set(len(self.memory))
+
+    def _predictor_set(self) -> PredictorSet | None:
+        """Only when a predictor policy runs: it costs an encoder pass per query."""
+        if not {"forc", "hybrid"} & set(self.config.policy_names):
+            return None
+        predictors = PredictorSet(self.config.predictors.artifacts_dir, [b.name for b in self.config.backends])
+        predictors.reload()
+        return predictors
 
     def _load_spend(self) -> None:
         for tenant, key in self.spend.budgeted().items():
@@ -193,8 +205,23 @@ class RoutingEngine:
     async def start(self) -> None:
         await self.check_backends()
         self._health_task = asyncio.create_task(self._health_loop())
+        if self.predictors is not None:
+            self.training = TrainingScheduler(self.config, self._trained)
+            self.training.start()
+
+    async def train(self, trigger: str = "api") -> list[dict[str, Any]]:
+        """One predictor training run now (in the worker process), then the hot swap."""
+        if self.training is None:
+            raise BadRequest("no predictor policy (forc, hybrid) runs in this router; nothing to train")
+        return await self.training.run(trigger)
+
+    async def _trained(self, runs: list[dict[str, Any]]) -> None:
+        if self.predictors is not None and any(run["promoted"] for run in runs):
+            await asyncio.to_thread(self.predictors.reload)
 
     async def close(self) -> None:
+        if self.training is not None:
+            self.training.shutdown()
         if self._health_task is not None:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -229,6 +256,12 @@ class RoutingEngine:
 
     async def embed(self, text: str) -> np.ndarray:
         return await self._embed_batcher.embed_one(text)
+
+    async def _predict(self, query: str) -> Predictions | None:
+        predictors = self.predictors
+        if predictors is None or not predictors.ready:
+            return None
+        return await asyncio.to_thread(predictors.predict, query)
 
     def _policy_name(self, options: RouterOptions) -> str:
         name = options.policy or self.active_policy
@@ -271,7 +304,7 @@ class RoutingEngine:
             raise ServiceUnavailable("no backend available: every backend's circuit breaker is open after failures")
 
         query = request.query_text()
-        vector = await self.embed(query)
+        vector, predictions = await asyncio.gather(self.embed(query), self._predict(query))
         prompt_tokens = estimate_tokens(request.prompt_text())
         cap = options.max_cost_usd if options.max_cost_usd is not None else (self.config.budget.default_max_cost_usd or None)
         candidates = [
@@ -284,7 +317,7 @@ class RoutingEngine:
             decided = self.core.decide(
                 decision_id, memory_id, vector, prompt_tokens, candidates, policy=policy_name, pinned=pinned,
                 max_cost_usd=cap, output_limit=request.output_token_limit() or self.config.limits.max_tokens,
-                spend_limit_usd=remaining,
+                spend_limit_usd=remaining, predictions=predictions,
             )
         except SpendLimitReached as exc:
             self.spend.check(tenant, exc.cheapest_usd)
@@ -550,6 +583,15 @@ class RoutingEngine:
 
     # -- inspection -------------------------------------------------------------------------------
 
+    async def _predictor_stats(self) -> dict[str, Any] | None:
+        if self.predictors is None:
+            return None
+        return {
+            "models": await asyncio.to_thread(self.predictors.describe),
+            "next_run": self.training.next_run() if self.training else None,
+            "runs": await asyncio.to_thread(recent_runs, self.db),
+        }
+
     async def stats(self) -> dict[str, Any]:
         summary = await asyncio.to_thread(self.store.summary)
         core = self.core.stats()
@@ -566,6 +608,7 @@ class RoutingEngine:
             "expected_output_tokens": core["expected_output_tokens"],
             "memory_queries": len(self.memory),
             "tenant_spend": self.spend.describe(),
+            "predictors": await self._predictor_stats(),
             "failover": {
                 name: {"failures": self.pool.state(name).failures, "breaker": self.pool.state(name).breaker.describe()}
                 for name in self.pool.names()

@@ -1,0 +1,71 @@
+"""The predictor models in use, swapped in whole when training promotes a new version.
+
+A request reads the two references once, so a swap in the middle of it changes nothing for it and no
+request waits for a load: the new model is loaded off the event loop, then assigned.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from policies import Predictions
+from router.predictors import ArtifactStore, ForcPredictor, HybridPredictor
+
+log = logging.getLogger("llm_router")
+
+
+class PredictorSet:
+    def __init__(self, artifacts_dir: str, backends: list[str]) -> None:
+        self.store = ArtifactStore(artifacts_dir)
+        self.backends = backends
+        self.forc: ForcPredictor | None = None
+        self.hybrid: HybridPredictor | None = None
+        self.versions: dict[str, str | None] = {"forc": None, "hybrid": None}
+        self._lock = threading.Lock()  # one torch forward at a time: the service gives predictors one thread
+
+    def reload(self) -> dict[str, str | None]:
+        """Load the current version of each model (a missing or broken one leaves None, logged by the store)."""
+        for kind in ("forc", "hybrid"):
+            version = self.store.current(kind)
+            name = version.name if version else None
+            if name == self.versions[kind] and getattr(self, kind) is not None:
+                continue
+            predictor = self.store.load_current(kind, self.backends)
+            setattr(self, kind, predictor)
+            self.versions[kind] = name if predictor is not None else None
+            if predictor is not None:
+                log.info("%s model %s in use", kind, name)
+        return dict(self.versions)
+
+    @property
+    def ready(self) -> bool:
+        return self.forc is not None or self.hybrid is not None
+
+    def predict(self, text: str) -> Predictions:
+        forc, hybrid = self.forc, self.hybrid
+        fields: dict[str, Any] = {}
+        with self._lock:
+            if forc is not None:
+                (per_backend,) = forc.predict([text])
+                fields["quality"] = {b: p.quality for b, p in per_backend.items()}
+                fields["output_tokens"] = {b: p.output_tokens for b, p in per_backend.items()}
+            if hybrid is not None:
+                (fields["small_ok"],) = hybrid.prob_small_ok([text])
+                fields |= {"small": hybrid.small, "large": hybrid.large, "threshold": hybrid.threshold}
+        return Predictions(**fields)
+
+    def describe(self) -> dict[str, Any]:
+        described: dict[str, Any] = {}
+        for kind in ("forc", "hybrid"):
+            version = self.store.current(kind) if self.versions[kind] else None
+            described[kind] = {"version": self.versions[kind]}
+            if version is not None:
+                try:
+                    metadata = self.store.metadata(version)
+                    described[kind] |= {"validation_loss": metadata.validation_loss, "baseline_loss": metadata.baseline_loss,
+                                        "samples": metadata.samples.model_dump(), "predictor": metadata.predictor.model_dump()}
+                except (OSError, ValueError):
+                    pass
+        return described

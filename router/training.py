@@ -1,0 +1,157 @@
+"""The predictor training job: from the log (and imported history) to a promoted model, or not.
+
+One run trains FORC and Hybrid-LLM on every outcome the database holds for the configured backends,
+scores each candidate and the model in use on the candidate's validation split (the latest prompts),
+saves the candidate as a new version and promotes it only if it is no worse. Every run, trained or
+skipped or failed, is a row in `training_runs`. The service runs this in a separate process with its own
+torch thread budget (`TrainingScheduler`), so routing keeps its latency while a model trains;
+`llm-router train` runs it once in the foreground.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import multiprocessing
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlmodel import Session, select
+
+from router.config import RouterConfig
+from router.db import create_db_engine
+from router.history import training_outcomes
+from router.predictors import ArtifactStore, TrainSettings, should_promote, train_forc, train_hybrid
+from router.tables import TrainingRun
+
+log = logging.getLogger("llm_router")
+
+KINDS = ("forc", "hybrid")
+
+
+def train_settings(config: RouterConfig) -> TrainSettings:
+    p = config.predictors
+    return TrainSettings(
+        backbone=p.backbone, max_length=p.max_length, epochs=p.epochs, batch_size=p.batch_size, learning_rate=p.learning_rate,
+        trainable_layers=p.trainable_layers, validation_fraction=p.validation_fraction, threads=p.threads,
+        seed=config.seed or 0, max_samples=p.max_samples,
+    )
+
+
+def run_training(config: RouterConfig, trigger: str) -> list[dict[str, Any]]:
+    """Train both predictors once; returns the recorded runs (as dicts)."""
+    db = create_db_engine(config.database_url)
+    try:
+        backends = [b.name for b in config.backends]
+        outcomes = training_outcomes(db, backends)
+        store = ArtifactStore(config.predictors.artifacts_dir)
+        return [_train_one(db, config, store, kind, outcomes, backends, trigger) for kind in KINDS]
+    finally:
+        db.dispose()
+
+
+def _train_one(db: Any, config: RouterConfig, store: ArtifactStore, kind: str, outcomes: list, backends: list[str], trigger: str) -> dict[str, Any]:
+    started = time.perf_counter()
+    run = TrainingRun(kind=kind, trigger=trigger, status="ok")
+    settings = train_settings(config)
+    small, large = config.hybrid_pair()
+    try:
+        prompts = _prompts_with_outcomes(outcomes, backends if kind == "forc" else [small, large], both=kind == "hybrid")
+        if prompts < config.predictors.min_samples:
+            run.status = "skipped"
+            run.error = f"{prompts} prompts with outcomes; {config.predictors.min_samples} needed"
+        else:
+            if kind == "forc":
+                result = train_forc(outcomes, backends, settings)
+            else:
+                result = train_hybrid(outcomes, small, large, config.predictors.hybrid_tolerance,
+                                      config.predictors.target_large_share, settings)
+            current = store.load_current(kind, backends)
+            promotion = should_promote(result, current)
+            version = store.save_candidate(result)
+            if promotion.promote:
+                store.promote(version)
+            run.samples_train, run.samples_validation = result.samples.train, result.samples.validation
+            run.validation_loss, run.baseline_loss = result.validation_loss, result.baseline_loss
+            run.current_validation_loss, run.promoted, run.version = promotion.current_loss, promotion.promote, version.name
+            run.details = {"reason": promotion.reason, "outcomes": result.samples.outcomes, "backbone": result.backbone}
+            if kind == "hybrid":
+                predictor = result.predictor
+                run.details |= {"small": small, "large": large, "threshold": predictor.threshold,
+                                "large_share": predictor.large_share, "target_large_share": config.predictors.target_large_share}
+    except Exception as exc:  # a failed run is recorded and logged; the model in use stays
+        log.exception("%s training failed", kind)
+        run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"
+    run.duration_s = time.perf_counter() - started
+    with Session(db) as session:
+        session.add(run)
+        session.commit()
+        session.refresh(run)
+        recorded = run.model_dump(mode="json")
+    log.info("%s training %s: %s", kind, run.status, {k: recorded[k] for k in ("samples_train", "validation_loss", "promoted", "version")})
+    return recorded
+
+
+def _prompts_with_outcomes(outcomes: list, backends: list[str], both: bool) -> int:
+    seen: dict[str, set[str]] = {}
+    for outcome in outcomes:
+        if outcome.backend in backends:
+            seen.setdefault(outcome.text, set()).add(outcome.backend)
+    return sum(1 for found in seen.values() if not both or len(found) == len(set(backends)))
+
+
+def recent_runs(db: Any, limit: int = 10) -> list[dict[str, Any]]:
+    with Session(db) as session:
+        rows = session.exec(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(limit)).all()
+        return [row.model_dump(mode="json") for row in rows]
+
+
+def _child_job(config_json: str, trigger: str) -> list[dict[str, Any]]:
+    """Entry point in the training process (spawned: a clean interpreter, its own torch threads)."""
+    import torch
+
+    config = RouterConfig.model_validate_json(config_json)
+    torch.set_num_threads(config.predictors.threads)
+    return run_training(config, trigger)
+
+
+class TrainingScheduler:
+    """APScheduler inside the service: runs the job in one worker process, then hot-swaps promoted models."""
+
+    def __init__(self, config: RouterConfig, on_trained: Callable[[list[dict[str, Any]]], Any]) -> None:
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+        from apscheduler.triggers.cron import CronTrigger
+        from apscheduler.triggers.interval import IntervalTrigger
+
+        self.config = config
+        self._on_trained = on_trained
+        self._executor = concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        self._running = asyncio.Lock()
+        self.scheduler = AsyncIOScheduler(timezone="UTC")
+        p = config.predictors
+        if p.schedule != "off":
+            trigger = IntervalTrigger(minutes=p.interval_minutes) if p.schedule == "interval" else CronTrigger.from_crontab(p.cron, timezone="UTC")
+            self.scheduler.add_job(self.run, trigger, kwargs={"trigger": "schedule"}, id="train-predictors",
+                                   max_instances=1, coalesce=True, misfire_grace_time=None)
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    async def run(self, trigger: str = "schedule") -> list[dict[str, Any]]:
+        """One training run in the worker process; overlapping calls wait for the one in progress."""
+        async with self._running:
+            loop = asyncio.get_running_loop()
+            runs = await loop.run_in_executor(self._executor, _child_job, self.config.model_dump_json(), trigger)
+            await self._on_trained(runs)
+            return runs
+
+    def next_run(self) -> str | None:
+        job = self.scheduler.get_job("train-predictors")
+        return job.next_run_time.isoformat() if job is not None and job.next_run_time else None
+
+    def shutdown(self) -> None:
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        self._executor.shutdown(wait=False, cancel_futures=True)
