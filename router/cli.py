@@ -138,10 +138,23 @@ def replay_command(args: argparse.Namespace) -> int:
         print(f"llm-router: --seeds must be integers separated by commas, got {args.seeds!r}", file=sys.stderr)
         return 2
     models = [m.strip() for m in args.models.split(",")] if args.models else None
+    train = None
+    if args.train_fraction is not None:
+        from router.replay import TrainFraction
+        from router.training import train_settings
+
+        if not 0 < args.train_fraction < 1:
+            print("llm-router: --train-fraction must be between 0 and 1", file=sys.stderr)
+            return 2
+        if args.peers or args.budgets:
+            print("llm-router: --train-fraction does not combine with --peers or --budgets", file=sys.stderr)
+            return 2
+        settings = train_settings(config).model_copy(update={"threads": os.cpu_count() or 1})
+        train = TrainFraction(args.train_fraction, settings)
     try:
         budgets = [float(b) for b in args.budgets.split(",") if b.strip()] if args.budgets else None
         reports = run(args.data, policies, seeds, args.budget, Path(args.out), Embedder(config.embedder.path),
-                      models=models, policy_options=config.policy_options, budgets=budgets, peers=args.peers)
+                      models=models, policy_options=config.policy_options, budgets=budgets, peers=args.peers, train=train)
     except (DatasetError, OSError, ValueError) as exc:
         print(f"llm-router: {exc}", file=sys.stderr)
         return 2
@@ -180,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     replay_parser.add_argument("--out", default="var/replay", help="directory for report.json")
     replay_parser.add_argument("--budgets", default=None, help="comma-separated budget sweep (USD per query): AIQ, plots")
     replay_parser.add_argument("--peers", action="store_true", help="add MABWiser and river rows on the same stream")
-    replay_parser.add_argument("--config", help="config file (embedder, policy options)")
+    replay_parser.add_argument("--train-fraction", type=float, default=None,
+                               help="history share of each shuffled stream: predictors train on it, the rest is routed")
+    replay_parser.add_argument("--config", help="config file (embedder, policy options, [predictors] settings)")
     replay_parser.set_defaults(run=replay_command)
     args = parser.parse_args(argv)
     return int(args.run(args))

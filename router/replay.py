@@ -125,6 +125,49 @@ class PassResult:
     costs: np.ndarray
     decision_ms: np.ndarray
     choices: list[str]
+    routed: np.ndarray | None = None  # prompt indices measured (all, unless a history part came first)
+
+
+PREDICTOR_POLICIES = ("forc", "hybrid")
+
+
+@dataclass(frozen=True)
+class TrainFraction:
+    """`--train-fraction`: the first `fraction` of each shuffled stream is history, the rest is routed.
+
+    Predictor policies train on the history with every model's outcome (as `llm-router import` gives
+    them); bandits learn from it online with bandit feedback, unmeasured. Only the rest is measured.
+    """
+
+    fraction: float
+    settings: Any = None  # router.predictors.TrainSettings; None: their defaults
+
+
+def _predictions(dataset: Dataset, order: list[int], split: int, policy: str, seed: int, train: TrainFraction) -> list[Any]:
+    """Train the policy's predictor on the history part and predict every routed prompt (in one batch)."""
+    from policies import Predictions
+    from router.predictors import Outcome as Observed
+    from router.predictors import TrainSettings, train_forc, train_hybrid
+
+    prices = {m.name: m for m in dataset.models}
+    history = [
+        Observed(dataset.prompts[i].prompt, name, o.quality, round(_output_tokens(o, dataset.prompts[i], prices[name])), float(position))
+        for position, i in enumerate(order[:split])
+        for name, o in dataset.prompts[i].outcomes.items()
+        if name in prices
+    ]
+    settings = (train.settings or TrainSettings()).model_copy(update={"seed": seed})
+    texts = [dataset.prompts[i].prompt for i in order[split:]]
+    if policy == "forc":
+        forc = train_forc(history, dataset.model_names, settings).predictor
+        return [
+            Predictions(quality={b: p.quality for b, p in row.items()}, output_tokens={b: p.output_tokens for b, p in row.items()})
+            for row in forc.predict(texts)
+        ]
+    by_price = sorted(dataset.models, key=lambda m: (m.price_per_1m_output_tokens_usd, m.price_per_1m_input_tokens_usd))
+    small, large = by_price[0].name, by_price[-1].name
+    hybrid = train_hybrid(history, small, large, 0.0, 0.5, settings).predictor
+    return [Predictions(small_ok=p, small=small, large=large, threshold=hybrid.threshold) for p in hybrid.prob_small_ok(texts)]
 
 
 def replay_pass(
@@ -135,9 +178,13 @@ def replay_pass(
     budget_usd: float | None = None,
     policy_options: dict[str, Any] | None = None,
     neighbours: int = 20,
+    train: TrainFraction | None = None,
 ) -> PassResult:
-    """One online pass in a seed-shuffled order with bandit feedback only."""
+    """One online pass in a seed-shuffled order with bandit feedback only (measured after the history
+    part when `train` is given)."""
     order = np.random.default_rng(seed).permutation(len(dataset.prompts))
+    split = round(len(order) * train.fraction) if train else 0
+    predicted = _predictions(dataset, order.tolist(), split, policy, seed, train) if train and policy in PREDICTOR_POLICIES else None
     core = RoutingCore(
         policies={policy: registry.create(policy, seed=seed, **(policy_options or {}))},
         active=policy,
@@ -148,19 +195,24 @@ def replay_pass(
     )
     prices = {m.name: m for m in dataset.models}
     qualities, costs, timings, choices = [], [], [], []
+    routed_indices = order[split:]
     for step, index in enumerate(order.tolist()):
         prompt = dataset.prompts[index]
         started = time.perf_counter()
-        decided = core.decide(f"r{step}", step, vectors[index], prompt.prompt_tokens, dataset.models)
-        timings.append((time.perf_counter() - started) * 1000)
+        predictions = predicted[step - split] if predicted is not None and step >= split else None
+        decided = core.decide(f"r{step}", step, vectors[index], prompt.prompt_tokens, dataset.models, predictions=predictions)
+        elapsed_ms = (time.perf_counter() - started) * 1000
         arm = decided.choice.arm
         outcome = prompt.outcomes[arm]
         core.record_outcome(decided.record.decision_id, arm, outcome.cost_usd, _output_tokens(outcome, prompt, prices[arm]))
         core.learn(decided.record, vectors[index], outcome.quality, outcome.cost_usd)
+        if step < split:  # history: learned from, not measured
+            continue
+        timings.append(elapsed_ms)
         qualities.append(outcome.quality)
         costs.append(outcome.cost_usd)
         choices.append(arm)
-    return PassResult(np.array(qualities), np.array(costs), np.array(timings), choices)
+    return PassResult(np.array(qualities), np.array(costs), np.array(timings), choices, routed_indices)
 
 
 def _output_tokens(outcome: Outcome, prompt: Prompt, price: Candidate) -> float:
@@ -173,12 +225,14 @@ def _output_tokens(outcome: Outcome, prompt: Prompt, price: Candidate) -> float:
     return max(0.0, output_cost * 1e6 / price.price_per_1m_output_tokens_usd)
 
 
-def references(dataset: Dataset) -> dict[str, dict[str, Any]]:
+def references(dataset: Dataset, subsets: list[np.ndarray] | None = None) -> dict[str, dict[str, Any]]:
     """Oracle (best model per prompt, cheapest among ties), best single model in hindsight, uniform
-    random, and the cheapest model: what any router should be compared with."""
+    random, and the cheapest model: what any router should be compared with. With `subsets` (the routed
+    prompts of each seed), over those prompts, each prompt counted once per seed that routed it."""
     names = dataset.model_names
-    quality = np.array([[p.outcomes[n].quality for n in names] for p in dataset.prompts])
-    cost = np.array([[p.outcomes[n].cost_usd for n in names] for p in dataset.prompts])
+    rows = [dataset.prompts[i] for subset in subsets for i in subset] if subsets else dataset.prompts
+    quality = np.array([[p.outcomes[n].quality for n in names] for p in rows])
+    cost = np.array([[p.outcomes[n].cost_usd for n in names] for p in rows])
     best = quality.max(axis=1, keepdims=True)
     oracle_cost = np.where(quality >= best - 1e-12, cost, np.inf).min(axis=1)
     single = int(quality.mean(axis=0).argmax())
@@ -191,10 +245,15 @@ def references(dataset: Dataset) -> dict[str, dict[str, Any]]:
     }
 
 
-def report(dataset: Dataset, policy: str, seeds: list[int], passes: list[PassResult], budget_usd: float | None) -> dict[str, Any]:
-    half = len(dataset.prompts) // 2
+def report(dataset: Dataset, policy: str, seeds: list[int], passes: list[PassResult], budget_usd: float | None,
+           train: TrainFraction | None = None) -> dict[str, Any]:
+    half = len(passes[0].qualities) // 2
     timings = np.concatenate([p.decision_ms for p in passes])
-    return {
+    extra: dict[str, Any] = {}
+    if train is not None:
+        extra = {"train_fraction": train.fraction, "n_routed": len(passes[0].qualities),
+                 "history_use": "predictors: every model's outcome; bandits: online, bandit feedback"}
+    return {**extra,
         "policy": policy,
         "dataset": dataset.name,
         "n_prompts": len(dataset.prompts),
@@ -211,7 +270,7 @@ def report(dataset: Dataset, policy: str, seeds: list[int], passes: list[PassRes
             {"seed": s, "mean_quality": float(p.qualities.mean()), "mean_cost_usd": float(p.costs.mean())}
             for s, p in zip(seeds, passes)
         ],
-        "references": references(dataset),
+        "references": references(dataset, [p.routed for p in passes] if train is not None else None),
     }
 
 
@@ -242,18 +301,23 @@ PEER_COST_WEIGHTS = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0)  # peers trade quality for c
 class Evaluation:
     """Runs policies (and peers) over one dataset: the main passes, budget sweeps, and the metrics."""
 
-    def __init__(self, dataset: Dataset, vectors: np.ndarray, seeds: list[int], policy_options: dict[str, dict[str, Any]] | None = None) -> None:
+    def __init__(self, dataset: Dataset, vectors: np.ndarray, seeds: list[int], policy_options: dict[str, dict[str, Any]] | None = None,
+                 train: TrainFraction | None = None) -> None:
         self.dataset = dataset
         self.vectors = vectors
         self.seeds = seeds
         self.policy_options = policy_options or {}
+        self.train = train
 
     def passes(self, method: str, peer: bool, budget_usd: float | None = None, cost_weight: float = 0.0) -> list[PassResult]:
         if peer:
             from router.peers import peer_pass
 
             return [peer_pass(self.dataset, self.vectors, method, seed, cost_weight=cost_weight) for seed in self.seeds]
-        return [replay_pass(self.dataset, self.vectors, method, seed, budget_usd, self.policy_options.get(method)) for seed in self.seeds]
+        return [
+            replay_pass(self.dataset, self.vectors, method, seed, budget_usd, self.policy_options.get(method), train=self.train)
+            for seed in self.seeds
+        ]
 
     def sweep(self, method: str, peer: bool, budgets: list[float]) -> list[dict[str, float]]:
         """(budget or lambda, mean cost, mean quality, share of calls per model) for each sweep setting."""
@@ -307,11 +371,12 @@ def run(
     cache_dir: Path | None = None,
     budgets: list[float] | None = None,
     peers: bool = False,
+    train: TrainFraction | None = None,
 ) -> list[dict[str, Any]]:
     """Replay `policies` (and peers) over `data`; write report.json per method, a table and plots."""
     dataset = load_dataset(data, models)
     vectors = embed_dataset(data, dataset, embedder, cache_dir or Path.home() / ".cache" / "llm-router" / "embeddings")
-    evaluation = Evaluation(dataset, vectors, seeds, policy_options)
+    evaluation = Evaluation(dataset, vectors, seeds, policy_options, train)
     two_models = len(dataset.models) == 2
     sweep_budgets = budgets or (evaluation.two_model_budgets() if two_models else None)
     methods = [(p, False) for p in policies]
@@ -322,7 +387,7 @@ def run(
     reports, runs = [], {}
     for method, peer in methods:
         passes = evaluation.passes(method, peer, budget_usd=budget_usd)
-        result = report(dataset, method, seeds, passes, budget_usd)
+        result = report(dataset, method, seeds, passes, budget_usd, None if peer else train)
         result["peer"] = peer
         if sweep_budgets:
             result["budget_sweep"] = evaluation.sweep(method, peer, sweep_budgets)
