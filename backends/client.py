@@ -210,6 +210,11 @@ class BackendClient:
                     event = json.loads(data)
                 except ValueError as exc:
                     raise BackendError(self.spec.name, "sent an invalid stream event", status=502, retryable=False) from exc
+                if isinstance(event.get("error"), dict):  # vLLM rejects some requests inside a 200 stream
+                    error = event["error"]
+                    status = error.get("code") if isinstance(error.get("code"), int) else 502
+                    raise BackendError(self.spec.name, f"stream error: {error.get('message', error)}", status=status,
+                                       retryable=not 400 <= status < 500)
                 if event.get("usage"):
                     usage.prompt_tokens, usage.completion_tokens = _usage(event)
                     usage.cost_usd = self.spec.cost_usd(usage.prompt_tokens, usage.completion_tokens)

@@ -78,6 +78,13 @@ def estimate_tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
 
+async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    yield first
+    async with contextlib.aclosing(rest) as upstream:
+        async for item in upstream:
+            yield item
+
+
 @dataclass
 class Routed:
     """A decision made and logged, with the backends to try in order (the choice, then fallbacks)."""
@@ -276,8 +283,8 @@ class RoutingEngine:
         longest = max(len(m.text()) for m in request.messages)
         if longest > limits.max_message_chars:
             raise BadRequest(f"messages: a message has {longest} characters; this router accepts at most {limits.max_message_chars}")
-        asked = request.output_token_limit()
-        if asked is not None and asked > limits.max_tokens:
+        asked = max(request.max_tokens or 0, request.max_completion_tokens or 0)
+        if asked > limits.max_tokens:
             raise BadRequest(f"max_tokens: {asked} asked; this router allows at most {limits.max_tokens}")
 
     def upstream_body(self, request: ChatCompletionRequest) -> dict[str, Any]:
@@ -349,7 +356,12 @@ class RoutingEngine:
             **record.columns(),
         )
         embedding = QueryEmbedding(id=memory_id, embedder=self.embedder.name, dim=self.embedder.dim, vector=vector.tobytes())
-        await self.writer.submit(lambda session: add_decision(session, row, embedding))
+        try:
+            await self.writer.submit(lambda session: add_decision(session, row, embedding))
+        except BaseException:  # not logged, so not remembered either (and not counted against the tenant)
+            self.memory.remove(decision_id)
+            self.spend.settle(tenant, decision_id, 0.0)
+            raise
         if kind == "route":  # the client calls the backend itself: pace on the predicted cost
             self.core.pacer.observe(chosen.predicted_cost_usd)
         self.metrics.memory_size.set(len(self.memory))
@@ -451,14 +463,17 @@ class RoutingEngine:
         """Open the upstream stream (failing over before the first byte), then relay its SSE events.
 
         The `router` object rides on the first chunk and, with the cost, on the usage chunk at the end.
-        A failure in mid-stream reaches the client as an SSE `error` event, never as a hang.
+        A failure before the first event fails over like a failed open; one in mid-stream reaches the client
+        as an SSE `error` event, never as a hang.
         """
         routed = await self.decide(request, "chat", caller)
         body = self.upstream_body(request)
         last_error: BackendError | None = None
         async for backend in self._attempts(routed):
+            events = None
             try:
                 events, usage = await self.pool.state(backend).client.open_stream(body)
+                opening = await anext(events)  # an error in the first event still gets an HTTP status and failover
             except BackendError as error:
                 last_error = error
                 self._on_backend_failure(routed, error)
@@ -466,11 +481,13 @@ class RoutingEngine:
                     continue
                 break
             except BaseException:
+                if events is not None:
+                    await events.aclose()
                 self.pool.release(backend)
                 raise
             self.pool.record_success(backend)
             routed.info.backend = backend
-            return self._relay(routed, backend, events, usage), routed.info
+            return self._relay(routed, backend, _prepend(opening, events), usage), routed.info
         await self._finish(routed, status="error", error=str(last_error))
         raise self._terminal_error(routed, last_error)
 
@@ -492,7 +509,8 @@ class RoutingEngine:
         except BackendError as exc:
             error = str(exc)
             self._on_backend_failure(routed, exc)
-            payload = {"error": {"message": error, "type": "backend_error", "code": 502}}
+            kind = "backend_error" if exc.retryable else "upstream_invalid_request"
+            payload = {"error": {"message": error, "type": kind, "code": exc.status if not exc.retryable else 502}}
             yield b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
         finally:
             if usage.completed and error is None:

@@ -44,6 +44,13 @@ class Memory:
             self._entries[memory_id] = entry
             self._by_decision[entry.decision_id] = memory_id
 
+    def remove(self, decision_id: str) -> None:
+        """Forget a decision (one whose write failed, so the database never had it)."""
+        memory_id = self._by_decision.pop(decision_id, None)
+        if memory_id is not None:
+            del self._entries[memory_id]
+            self._index.remove_ids(np.array([memory_id], dtype=np.int64))
+
     def entry(self, decision_id: str) -> MemoryEntry | None:
         """The mutable record of a decision: set its backend, reward, preference or output length."""
         memory_id = self._by_decision.get(decision_id)

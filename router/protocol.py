@@ -47,6 +47,8 @@ class ChatCompletionRequest(BaseModel):
     def _needs_text(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
         if not any(m.text().strip() for m in messages):
             raise ValueError("messages: at least one message needs text content")
+        if any("\x00" in m.text() for m in messages):
+            raise ValueError("messages: text must not contain NUL characters")
         return messages
 
     def query_text(self) -> str:
@@ -88,7 +90,7 @@ class RewardRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    decision_id: str = Field(min_length=1, max_length=64)
+    decision_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     reward: float | None = Field(default=None, ge=0.0, le=1.0)
     winner: str | None = Field(default=None, min_length=1, max_length=64)
     loser: str | None = Field(default=None, min_length=1, max_length=64)

@@ -19,7 +19,6 @@ from sqlalchemy import create_engine, func, select
 
 from bench.load import auth_headers, reward_for, run_load
 from policies import registry
-from router.config import RouterConfig
 from router.db import normalise_url
 from router.tables import Decision, Reward
 from tests.conftest import backend_table, write_config
@@ -28,8 +27,6 @@ pytestmark = [pytest.mark.vllm, pytest.mark.postgres]
 
 ADMIN = "test-admin-key-0123456789"
 CLIENT = "test-client-key-0123456789"
-HAS_AUTH = "auth" in RouterConfig.model_fields
-HAS_LIMITS = "limits" in RouterConfig.model_fields
 
 
 def headers(key: str = ADMIN) -> dict[str, str]:
@@ -52,18 +49,16 @@ def router_config(
 ) -> Path:
     """smol-a (cheap) and smol-b (dear), every registered policy, an admin and a client key.
 
-    `top`: more top-level settings (e.g. `snapshot_every = 20`). Sections that this checkout's config
-    does not know yet are left out, so the tests run before and after auth and limits land.
+    `top`: more top-level settings (e.g. `snapshot_every = 20`).
     """
     backends = backend_table("smol-a", ports["smol-a"], 0.05, 0.10, timeout_s) + backend_table("smol-b", ports["smol-b"], 0.50, 1.50, timeout_s)
     lines = ["policies = [" + ", ".join(f'"{p}"' for p in registry.names()) + "]", top]
-    if HAS_AUTH:
-        lines += [
-            "[auth]", "open_on_loopback = false",
-            "[[auth.keys]]", 'name = "ops"', 'role = "admin"', f'key_sha256 = "{_sha(ADMIN)}"',
-            "[[auth.keys]]", 'name = "tenant-a"', 'role = "client"', f'key_sha256 = "{_sha(CLIENT)}"',
-        ]
-    if HAS_LIMITS and max_tokens is not None:
+    lines += [
+        "[auth]", "open_on_loopback = false",
+        "[[auth.keys]]", 'name = "ops"', 'role = "admin"', f'key_sha256 = "{_sha(ADMIN)}"',
+        "[[auth.keys]]", 'name = "tenant-a"', 'role = "client"', f'key_sha256 = "{_sha(CLIENT)}"',
+    ]
+    if max_tokens is not None:
         lines += ["[limits]", f"max_tokens = {max_tokens}"]
     return write_config(path, database_url, backends, "\n".join(lines) + "\n", health_interval_s)
 
