@@ -1,0 +1,107 @@
+"""Routing latency while the predictors retrain: idle vs during a training run in the worker process.
+
+    .venv/bin/python bench/train_overhead.py --data ../shared/data/llmrouter_routing.jsonl --samples 3000
+
+Builds the routing engine the service runs (SQLite in a temp dir, `forc` and `hybrid` active with
+`thompson`, the real embedder and predictors), imports `--samples` prompts of the file as history, trains
+once in the foreground so the predictors are in the request path, then measures `engine.route()`
+(embedding, predictor inference, recall, policies, durable write) at concurrency 1: first idle, then
+while the scheduler's worker process (its own `--threads` torch threads) trains again. Prints one JSON
+object with both p50/p99, their ratio, and the training run (duration, samples, promoted).
+No backend is called (`route` decides only), so none is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from router.config import load_config  # noqa: E402
+from router.engine import RoutingEngine  # noqa: E402
+from router.history import import_file  # noqa: E402
+from router.protocol import ChatCompletionRequest  # noqa: E402
+from router.training import TrainingScheduler, run_training  # noqa: E402
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {"p50_ms": round(ordered[len(ordered) // 2], 2), "p99_ms": round(ordered[int(len(ordered) * 0.99) - 1], 2), "n": len(ordered)}
+
+
+async def _route_latencies(engine: RoutingEngine, prompts: list[str], stop: asyncio.Event | None, limit: int) -> list[float]:
+    latencies = []
+    for index in range(limit):
+        if stop is not None and stop.is_set():
+            break
+        request = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": prompts[index % len(prompts)]}], "max_tokens": 64})
+        started = time.perf_counter()
+        await engine.route(request)
+        latencies.append((time.perf_counter() - started) * 1000)
+    return latencies
+
+
+async def main(args: argparse.Namespace) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix="train-overhead-"))
+    lines = [line for line in Path(args.data).read_text().split("\n") if line.strip()]
+    random.Random(0).shuffle(lines)
+    history = workdir / "history.jsonl"
+    history.write_text("\n".join(lines[: args.samples]) + "\n")
+    probes = [json.loads(line)["prompt"][:2000] for line in lines[args.samples : args.samples + 500]]
+    models = list(json.loads(lines[0])["outcomes"])
+    backends = "".join(
+        f'[[backends]]\nname = "{m}"\nbase_url = "http://127.0.0.1:9"\nmodel = "{m}"\n'
+        f"price_per_1m_input_tokens_usd = {0.1 * (i + 1)}\nprice_per_1m_output_tokens_usd = {0.2 * (i + 1)}\n"
+        for i, m in enumerate(models)
+    )
+    config_path = workdir / "router.toml"
+    config_path.write_text(
+        f'database_url = "sqlite:///{workdir}/router.db"\npolicies = ["forc", "hybrid", "thompson"]\ndefault_policy = "forc"\n'
+        f'[auth]\nopen_on_loopback = true\n[predictors]\nartifacts_dir = "{workdir}/artifacts"\nschedule = "off"\n'
+        f"threads = {args.threads}\nepochs = {args.epochs}\nmin_samples = 10\n{backends}"
+    )
+    config = load_config(config_path, environ={})
+    engine = RoutingEngine(config)
+    import_file(engine.db, history)
+    first = run_training(config.model_copy(update={"predictors": config.predictors.model_copy(update={"threads": os.cpu_count()})}), "bench")
+    engine.predictors.reload()
+    await _route_latencies(engine, probes, None, 20)  # warm-up
+    idle = await _route_latencies(engine, probes, None, args.requests)
+    scheduler = TrainingScheduler(config, lambda runs: asyncio.sleep(0))
+    stop = asyncio.Event()
+    started = time.perf_counter()
+    training = asyncio.ensure_future(scheduler.run("bench"))
+    training.add_done_callback(lambda _: stop.set())
+    await asyncio.sleep(5)  # past the worker's start-up, into training
+    during = await _route_latencies(engine, probes, stop, 10**9)
+    runs = await training
+    scheduler.shutdown()
+    await engine.close()
+    result = {
+        "samples": args.samples, "threads": args.threads, "epochs": args.epochs, "cores": os.cpu_count(),
+        "foreground_training_s": {r["kind"]: round(r["duration_s"], 1) for r in first},
+        "route_idle": _percentiles(idle), "route_during_training": _percentiles(during),
+        "training_wall_s": round(time.perf_counter() - started, 1),
+        "runs": [{k: r[k] for k in ("kind", "status", "duration_s", "samples_train", "validation_loss", "baseline_loss", "promoted")} for r in runs],
+    }
+    result["p99_ratio"] = round(result["route_during_training"]["p99_ms"] / result["route_idle"]["p99_ms"], 2)
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--samples", type=int, default=3000)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=300)
+    print(json.dumps(asyncio.run(main(parser.parse_args())), indent=1))
