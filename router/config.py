@@ -21,6 +21,10 @@ class ConfigError(Exception):
     """A configuration that cannot be used; the message names the source and the bad field."""
 
 
+def _repeated(names: list[str]) -> list[str]:
+    return sorted({n for n in names if names.count(n) > 1})
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -169,9 +173,7 @@ class AuthConfig(_Strict):
 
     @model_validator(mode="after")
     def _unique(self) -> AuthConfig:
-        names = [k.name for k in self.keys]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
+        if duplicates := _repeated([k.name for k in self.keys]):
             raise ValueError(f"duplicate key names {duplicates}")
         return self
 
@@ -209,8 +211,7 @@ class RouterConfig(_Strict):
         from policies import registry
 
         names = [b.name for b in self.backends]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
+        if duplicates := _repeated(names):
             raise ValueError(f"backends: duplicate backend names {duplicates}")
         if "auto" in names:
             raise ValueError("backends: 'auto' is reserved for routed requests")
