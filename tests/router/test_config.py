@@ -65,3 +65,27 @@ def test_serve_with_bad_config_exits_nonzero_naming_the_field(tmp_path: Path):
     assert result.returncode == 2
     assert "backends.0.timeout_s" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        ('[[auth.keys]]\nname = "a"\n', "exactly one of key_sha256 or key_env"),
+        ('[[auth.keys]]\nname = "a"\nkey_sha256 = "abc"\n', "auth.keys.0.key_sha256"),
+        ('[[auth.keys]]\nname = "a"\nkey_env = "K"\n[[auth.keys]]\nname = "a"\nkey_env = "L"\n', "duplicate key names"),
+        ("[breaker]\nopen_s = 10\nmax_open_s = 5\n", "open_s must not exceed max_open_s"),
+        ('[predictors]\ncron = "every day"\n', "not a crontab line"),
+        ('[predictors]\nhybrid_small = "nope"\n', "predictors.hybrid_small: unknown backend"),
+        ("[limits]\nmax_tokens = 0\n", "limits.max_tokens"),
+    ],
+)
+def test_security_failover_and_predictor_settings_are_validated(tmp_path: Path, extra: str, says: str):
+    path = write_config(tmp_path / "c.toml", "sqlite:///a.db", backend_table("a", 1, 0.1, 0.2), extra)
+    with pytest.raises(ConfigError, match=says):
+        load_config(path, environ={})
+
+
+def test_hybrid_pair_defaults_to_the_cheapest_and_dearest_backend(tmp_path: Path):
+    backends = backend_table("mid", 1, 0.5, 1.0) + backend_table("cheap", 2, 0.1, 0.2) + backend_table("dear", 3, 2.0, 8.0)
+    config = load_config(write_config(tmp_path / "c.toml", "sqlite:///a.db", backends), environ={})
+    assert config.hybrid_pair() == ("cheap", "dear")
