@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Literal, overload
 
 from router.predictors.models import (
+    ENCODER_DIR,
+    PREDICTOR_FILE,
+    WEIGHTS_FILE,
     ForcConfig,
     ForcPredictor,
     HybridConfig,
@@ -153,15 +156,17 @@ class ArtifactStore:
         version = self.current(kind)
         if version is None:
             return None
+        part = METADATA_FILE
         try:
             metadata = self.metadata(version)
             if (metadata.kind, metadata.version) != (kind, version.number):
-                raise ValueError(f"metadata.json describes {metadata.kind} v{metadata.version}")
+                raise ValueError(f"it describes {metadata.kind} v{metadata.version}")
+            part = f"{PREDICTOR_FILE}, {WEIGHTS_FILE} or {ENCODER_DIR}/"
             predictor: Predictor = (ForcPredictor if kind == "forc" else HybridPredictor).load(version.path)
             if predictor.config != metadata.predictor:
-                raise ValueError("predictor.json and metadata.json disagree")
+                raise ValueError(f"{PREDICTOR_FILE} and {METADATA_FILE} disagree")
         except Exception as exc:  # noqa: BLE001 - any unreadable artifact means "no model", never a crash
-            log.warning("cannot load %s model %s: %s: %s", kind, version.path, type(exc).__name__, exc)
+            log.warning("cannot load %s model %s: %s: %s: %s", kind, version.path, part, type(exc).__name__, exc)
             return None
         if backends is not None and (mismatch := _backend_mismatch(predictor, set(backends))):
             log.warning("cannot use %s model %s: %s", kind, version.path, mismatch)
