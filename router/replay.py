@@ -164,8 +164,10 @@ def _predictions(dataset: Dataset, order: list[int], split: int, policy: str, se
             Predictions(quality={b: p.quality for b, p in row.items()}, output_tokens={b: p.output_tokens for b, p in row.items()})
             for row in forc.predict(texts)
         ]
-    by_price = sorted(dataset.models, key=lambda m: (m.price_per_1m_output_tokens_usd, m.price_per_1m_input_tokens_usd))
-    small, large = by_price[0].name, by_price[-1].name
+    # The pair Hybrid-LLM is meant for: the cheapest model, and the best one on the history.
+    small = min(dataset.models, key=lambda m: (m.price_per_1m_output_tokens_usd, m.price_per_1m_input_tokens_usd)).name
+    known = [o for o in history if o.backend != small]
+    large = max({o.backend for o in known}, key=lambda b: sum(o.quality for o in known if o.backend == b) / sum(o.backend == b for o in known))
     hybrid = train_hybrid(history, small, large, 0.0, 0.5, settings).predictor
     return [Predictions(small_ok=p, small=small, large=large, threshold=hybrid.threshold) for p in hybrid.prob_small_ok(texts)]
 
