@@ -31,6 +31,14 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+def shared_data_dir() -> Path:
+    """`shared/data` of the workplace: $LLM_ROUTER_SHARED_DATA, beside a parent of this checkout, or /work's."""
+    candidates = [os.environ.get("LLM_ROUTER_SHARED_DATA", "")]
+    candidates += [str(parent / "shared" / "data") for parent in Path(__file__).resolve().parents]
+    candidates.append("/work/shared/data")
+    return next((Path(c) for c in candidates if c and (Path(c) / "README.md").is_file()), Path("/work/shared/data"))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

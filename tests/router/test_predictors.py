@@ -25,9 +25,9 @@ from router.predictors import (
     train_hybrid,
     validation_loss,
 )
-from tests.conftest import unavailable
+from tests.conftest import shared_data_dir, unavailable
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+DATA = shared_data_dir()
 # llmrouter: 0/1 correctness on 14 tasks, no output lengths; this pair's label (chatqa-70b at least as good
 # as nemotron-51b) holds on 53% of prompts and depends strongly on the task, which the prompt shows
 SMALL, LARGE = "llama3-chatqa-1.5-70b", "llama-3.1-nemotron-51b-instruct"
