@@ -36,7 +36,7 @@ TARGET_LARGE_SHARE = 0.3
 
 def tiny_settings(backbone: Path, **changes: object) -> TrainSettings:
     fields = {"backbone": str(backbone), "max_length": 64, "epochs": 5, "batch_size": 16, "learning_rate": 1e-3,
-              "head_learning_rate": 1e-3, "threads": 2}
+              "head_learning_rate": 1e-3, "trainable_layers": None, "threads": 2}
     return TrainSettings(**(fields | changes))
 
 
@@ -194,3 +194,15 @@ def test_a_worse_model_is_not_promoted(forc, backbones, alpaca):
     assert not kept.promote and kept.current_loss == pytest.approx(forc.validation_loss, rel=1e-5)
     assert should_promote(forc, untrained.predictor).promote
     assert should_promote(forc, None).promote
+
+
+@pytest.mark.parametrize("trainable_layers", [0, 1])
+def test_frozen_parts_of_the_encoder_keep_their_weights(backbones, alpaca, trainable_layers):
+    from transformers import AutoModel
+
+    original = AutoModel.from_pretrained(backbones["distilbert"]).state_dict()
+    settings = tiny_settings(backbones["distilbert"], epochs=1, trainable_layers=trainable_layers)
+    trained = train_forc(alpaca, ["gemma-2b-it"], settings).predictor.model.network.backbone.state_dict()
+    changed = {name for name, tensor in trained.items() if not tensor.equal(original[name])}
+    assert not any(name.startswith("embeddings.") for name in changed)
+    assert any(name.startswith("transformer.layer.0.") for name in changed) == (trainable_layers == 1)
