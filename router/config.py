@@ -123,7 +123,7 @@ class PredictorsConfig(_Strict):
     max_length: int = Field(default=128, ge=8, le=4096)
     batch_size: int = Field(default=32, ge=1)
     learning_rate: float = Field(default=5e-5, ge=0)
-    trainable_layers: int | None = Field(default=None, ge=0, description="Fine-tune only the top N layers; None: all.")
+    trainable_layers: int | None = Field(default=3, ge=0, description="Fine-tune only the top N layers; None: all.")
     validation_fraction: float = Field(default=0.2, gt=0, lt=1)
     hybrid_small: str = Field(default="", description="Hybrid pair; empty: the backend with the cheapest output.")
     hybrid_large: str = Field(default="", description="Empty: the backend with the dearest output.")
