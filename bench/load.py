@@ -31,6 +31,9 @@ from typing import Any, Literal
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's packages
+from bench.overhead import percentile  # noqa: E402
+
 PROMPTS_FILE = Path(__file__).resolve().parents[1] / "tests" / "data" / "two_kinds.jsonl"
 Kind = Literal["route", "chat", "rewards"]
 KINDS: tuple[str, ...] = ("route", "chat", "rewards")
@@ -49,17 +52,6 @@ def reward_for(decision_id: str) -> float:
 def load_prompts() -> list[str]:
     with PROMPTS_FILE.open() as handle:
         return [json.loads(line)["prompt"] for line in handle if line.strip()]
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default), q in [0, 100]."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 @dataclass
