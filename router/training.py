@@ -152,6 +152,9 @@ class TrainingScheduler:
         return job.next_run_time.isoformat() if job is not None and job.next_run_time else None
 
     def shutdown(self) -> None:
+        """Stop the schedule and the worker; a run in progress is abandoned (its candidate is never promoted)."""
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
+        for process in list(getattr(self._executor, "_processes", {}).values()):  # do not wait minutes for a run
+            process.terminate()
         self._executor.shutdown(wait=False, cancel_futures=True)
