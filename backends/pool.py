@@ -47,12 +47,16 @@ class BackendState:
     last_error: str | None = None
     last_check: float | None = None
     queue: dict[str, float] = field(default_factory=dict)
-    failures: int = 0  # failed requests (health check failures are counted in the breaker)
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
 
     @property
     def spec(self) -> BackendSpec:
         return self.client.spec
+
+    @property
+    def failures(self) -> int:
+        """Failed requests (the breaker also counts failed health checks, under kind "health")."""
+        return self.breaker.failures - self.breaker.failures_by_kind["health"]
 
 
 class BackendPool:
@@ -105,7 +109,6 @@ class BackendPool:
     def record_failure(self, name: str, reason: str) -> None:
         """A request failed for the backend's sake (connection error, timeout, 5xx): counted, breaker told."""
         state = self._states[name]
-        state.failures += 1
         state.last_error = reason
         state.breaker.record_failure(reason)
 

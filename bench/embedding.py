@@ -9,7 +9,7 @@ Run from the repository root (a few minutes; the shared routing data must lie in
 For each embedder it prints, as medians over `--rounds` interleaved rounds (the machine may be busy):
 - single-query latency p50/p99 (`embed([text])`, one call at a time) on tests/data/two_kinds.jsonl, the
   prompts that bench/overhead.py sends to /v1/route;
-- throughput in texts/s of `embed` on batches of 32, and of `EmbeddingBatcher.embed_one` driven by 32
+- throughput in texts/s of `embed` on batches of 32, and of `TextBatcher.one` driven by 32
   concurrent callers (the router's path at concurrency 32).
 Then, for each fast variant, fidelity on real prompts from ../shared/data/*_routing.jsonl: cosine(fast, reference) over the
 memory and query prompts, and neighbour recall@10: the share of each query's 10 nearest memory prompts
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from router.embedding import Embedder, EmbeddingBatcher
+from router.embedding import Embedder, TextBatcher  # noqa: E402  (after the offline switch)
 
 CONCURRENCY = 32
 
@@ -57,12 +57,12 @@ def batched_per_s(embedder: Embedder, texts: list[str]) -> float:
 
 async def batcher_per_s(embedder: Embedder, texts: list[str]) -> float:
     """`CONCURRENCY` callers, each sending its next text as soon as its last one is answered."""
-    batcher = EmbeddingBatcher(embedder)
+    batcher = TextBatcher(embedder.embed)
     queue = list(reversed(texts))
 
     async def caller() -> None:
         while queue:
-            await batcher.embed_one(queue.pop())
+            await batcher.one(queue.pop())
 
     started = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(CONCURRENCY)))
@@ -95,7 +95,7 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start", flush=True)
 
     figures: dict[str, dict[str, list[float]]] = {name: {"p50": [], "p99": [], "batch": [], "batcher": []} for name in embedders}
-    for name, embedder in embedders.items():
+    for embedder in embedders.values():
         embedder.embed(prompts[:8])  # warm-up
     for round_ in range(args.rounds):
         order = list(embedders.items())

@@ -124,9 +124,6 @@ class Authenticator:
                 retry_after_s=math.ceil(wait),
             )
 
-    def key(self, tenant: str) -> ApiKeyConfig | None:
-        return next((k for k in self.keys.values() if k.name == tenant), None)
-
 
 def period_start(period: str, now: datetime) -> datetime:
     if period == "day":

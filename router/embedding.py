@@ -8,7 +8,7 @@ neighbour recall@10 0.98 on real prompts). `quantize=False` gives the reference'
 dynamic int8 (recall@10 0.90, and a text's vector changed with the texts batched beside it). The ONNX
 files are made once from the local weights and cached under ~/.cache/llm-router/.
 
-`EmbeddingBatcher` turns concurrent single-query requests into batches, for throughput under load.
+`TextBatcher` turns concurrent single-query requests into batches, for throughput under load.
 """
 
 from __future__ import annotations
@@ -20,11 +20,14 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 MAX_BATCH = 64
 CACHE = Path.home() / ".cache" / "llm-router"
@@ -191,22 +194,23 @@ class Embedder:
         return out
 
 
-class EmbeddingBatcher:
-    """Runs concurrent `embed_one` calls as batches in one worker thread.
+class TextBatcher(Generic[T]):
+    """Runs concurrent `one` calls of a batch function over texts (an encoder) as batches in one worker thread.
 
-    Requests that arrive while an encode runs wait for it and then go together in the next one, so a
-    lone request starts at once (no batching window) and a busy router gets batched throughput.
+    Requests that arrive while a batch runs wait for it and then go together in the next one, so a
+    lone request starts at once (no batching window) and a busy router gets batched throughput. The one
+    thread also means the function never runs twice at once.
     """
 
-    def __init__(self, embedder: Embedder, max_batch: int = MAX_BATCH) -> None:
-        self.embedder = embedder
+    def __init__(self, function: Callable[[list[str]], Sequence[T]], max_batch: int = MAX_BATCH, name: str = "embed") -> None:
+        self.function = function
         self.max_batch = max_batch
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
-        self._pending: list[tuple[str, asyncio.Future[np.ndarray]]] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._pending: list[tuple[str, asyncio.Future[T]]] = []
         self._worker: asyncio.Task[None] | None = None
 
-    async def embed_one(self, text: str) -> np.ndarray:
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+    async def one(self, text: str) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._pending.append((text, future))
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain())
@@ -220,15 +224,15 @@ class EmbeddingBatcher:
             if not batch:
                 continue
             try:
-                vectors = await loop.run_in_executor(self._executor, self.embedder.embed, [text for text, _ in batch])
+                results = await loop.run_in_executor(self._executor, self.function, [text for text, _ in batch])
             except Exception as exc:  # noqa: BLE001 - the batch's callers get the error; later batches still run
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for (_, future), vector in zip(batch, vectors, strict=True):
+            for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
-                    future.set_result(vector)
+                    future.set_result(result)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False)

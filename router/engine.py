@@ -28,7 +28,7 @@ from router.budget import BudgetPacer, OutputLengthModel
 from router.config import BackendConfig, RouterConfig
 from router.core import PINNED, Candidate, DecisionRecord, RoutingCore, SpendLimitReached
 from router.db import create_db_engine, migrate
-from router.embedding import Embedder, EmbeddingBatcher
+from router.embedding import Embedder, TextBatcher
 from router.errors import (
     BadGateway,
     BadRequest,
@@ -95,6 +95,10 @@ class Routed:
     tenant: str | None
     failures: list[dict[str, Any]] = field(default_factory=list)  # each failed or skipped backend, with its reason
 
+    def failed(self, backend: str, status: int | None, reason: str) -> None:
+        self.info.failed_backends.append(backend)
+        self.failures.append({"backend": backend, "status": status, "reason": reason})
+
 
 class RoutingEngine:
     def __init__(self, config: RouterConfig, embedder: Embedder | None = None) -> None:
@@ -128,13 +132,14 @@ class RoutingEngine:
             output_lengths=OutputLengthModel(default_tokens=budget.default_output_tokens),
             neighbours=config.embedder.neighbours,
         )
-        self._embed_batcher = EmbeddingBatcher(self.embedder)  # concurrent requests share one encode
+        self._embed_batcher = TextBatcher(self.embedder.embed)  # concurrent requests share one encode
         self._background: set[asyncio.Task[Any]] = set()
         self._health_task: asyncio.Task[None] | None = None
         self._learned = (0, 0)  # highest (reward id, preference id) whose learning is in the policies
         self._since_snapshot = 0
         self.spend = SpendLedger(config.auth.keys)
         self.predictors = self._predictor_set()
+        self._predict_batcher = TextBatcher(self.predictors.predict, name="predict") if self.predictors else None
         self.training: TrainingScheduler | None = None
         self._load_memory()
         self._restore_state()
@@ -239,6 +244,8 @@ class RoutingEngine:
         await self.writer.close()
         await self.pool.close()
         self._embed_batcher.close()
+        if self._predict_batcher is not None:
+            self._predict_batcher.close()
         self.db.dispose()
 
     async def check_backends(self) -> None:
@@ -262,13 +269,12 @@ class RoutingEngine:
     # -- deciding ---------------------------------------------------------------------------------
 
     async def embed(self, text: str) -> np.ndarray:
-        return await self._embed_batcher.embed_one(text)
+        return await self._embed_batcher.one(text)
 
     async def _predict(self, query: str) -> Predictions | None:
-        predictors = self.predictors
-        if predictors is None or not predictors.ready:
+        if self._predict_batcher is None or self.predictors is None or not self.predictors.ready:
             return None
-        return await asyncio.to_thread(predictors.predict, query)
+        return await self._predict_batcher.one(query)
 
     def _policy_name(self, options: RouterOptions) -> str:
         name = options.policy or self.active_policy
@@ -299,8 +305,6 @@ class RoutingEngine:
         self._check_limits(request)
         tenant = caller.tenant if caller else None
         remaining = self.spend.remaining(tenant)
-        if remaining is not None and remaining <= 0:
-            self.spend.check(tenant, 0.0)
         options = request.router or RouterOptions()
         policy_name = self._policy_name(options)
         pinned = request.model if request.model != "auto" else None
@@ -329,13 +333,12 @@ class RoutingEngine:
         except SpendLimitReached as exc:
             self.spend.check(tenant, exc.cheapest_usd)
             raise
-        predicted = decided.context.arm(decided.choice.arm).predicted_cost_usd
-        if kind == "route":  # the client calls the backend itself: the predicted cost is what it spends
-            self.spend.settle(tenant, decision_id, predicted)
-        else:
-            self.spend.reserve(tenant, decision_id, predicted)
         record, choice = decided.record, decided.choice
         chosen = decided.context.arm(choice.arm)
+        if kind == "route":  # the client calls the backend itself: the predicted cost is what it spends
+            self.spend.settle(tenant, decision_id, chosen.predicted_cost_usd)
+        else:
+            self.spend.reserve(tenant, decision_id, chosen.predicted_cost_usd)
         decision_ms = (time.perf_counter() - started) * 1000
         row = Decision(
             id=decision_id,
@@ -387,8 +390,7 @@ class RoutingEngine:
     def _on_backend_failure(self, routed: Routed, error: BackendError) -> None:
         """Count the failure on the decision, in metrics and, unless it was the client's fault, in the breaker."""
         self.metrics.requests.labels(error.backend, "error").inc()
-        routed.info.failed_backends.append(error.backend)
-        routed.failures.append({"backend": error.backend, "status": error.status, "reason": str(error)})
+        routed.failed(error.backend, error.status, str(error))
         if error.retryable:
             self.pool.record_failure(error.backend, str(error))
         else:
@@ -404,8 +406,7 @@ class RoutingEngine:
             if routed.pinned or self.pool.acquire(backend):
                 yield backend
             else:
-                routed.info.failed_backends.append(backend)
-                routed.failures.append({"backend": backend, "status": None, "reason": "circuit breaker open"})
+                routed.failed(backend, None, "circuit breaker open")
 
     def _terminal_error(self, routed: Routed, error: BackendError | None) -> Exception:
         if error is not None and not error.retryable:

@@ -1,13 +1,13 @@
 """The predictor models in use, swapped in whole when training promotes a new version.
 
-A request reads the two references once, so a swap in the middle of it changes nothing for it and no
-request waits for a load: the new model is loaded off the event loop, then assigned.
+A batch reads the two references once, so a swap in the middle of it changes nothing for it and no
+request waits for a load: the new model is loaded off the event loop, then assigned. The service runs
+`predict` through a `TextBatcher`, so concurrent queries share one forward pass per model.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 from policies import Predictions
@@ -23,7 +23,6 @@ class PredictorSet:
         self.forc: ForcPredictor | None = None
         self.hybrid: HybridPredictor | None = None
         self.versions: dict[str, str | None] = {"forc": None, "hybrid": None}
-        self._lock = threading.Lock()  # one torch forward at a time: the service gives predictors one thread
 
     def reload(self) -> dict[str, str | None]:
         """Load the current version of each model (a missing or broken one leaves None, logged by the store)."""
@@ -43,18 +42,18 @@ class PredictorSet:
     def ready(self) -> bool:
         return self.forc is not None or self.hybrid is not None
 
-    def predict(self, text: str) -> Predictions:
+    def predict(self, texts: list[str]) -> list[Predictions]:
+        """Each model's view of each text; a field stays None while its model is missing."""
         forc, hybrid = self.forc, self.hybrid
-        fields: dict[str, Any] = {}
-        with self._lock:
-            if forc is not None:
-                (per_backend,) = forc.predict([text])
-                fields["quality"] = {b: p.quality for b, p in per_backend.items()}
-                fields["output_tokens"] = {b: p.output_tokens for b, p in per_backend.items()}
-            if hybrid is not None:
-                (fields["small_ok"],) = hybrid.prob_small_ok([text])
-                fields |= {"small": hybrid.small, "large": hybrid.large, "threshold": hybrid.threshold}
-        return Predictions(**fields)
+        fields: list[dict[str, Any]] = [{} for _ in texts]
+        if forc is not None:
+            for row, per_backend in zip(fields, forc.predict(texts), strict=True):
+                row["quality"] = {b: p.quality for b, p in per_backend.items()}
+                row["output_tokens"] = {b: p.output_tokens for b, p in per_backend.items()}
+        if hybrid is not None:
+            for row, small_ok in zip(fields, hybrid.prob_small_ok(texts), strict=True):
+                row |= {"small_ok": small_ok, "small": hybrid.small, "large": hybrid.large, "threshold": hybrid.threshold}
+        return [Predictions(**row) for row in fields]
 
     def describe(self) -> dict[str, Any]:
         described: dict[str, Any] = {}

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from router.embedding import MAX_BATCH, Embedder, EmbeddingBatcher, length_chunks
+from router.embedding import MAX_BATCH, Embedder, TextBatcher, length_chunks
 
 PROMPTS = [json.loads(line)["prompt"] for line in (Path(__file__).parents[1] / "data" / "two_kinds.jsonl").open()]
 LONG = " ".join(["The quick brown fox jumps over the lazy dog."] * 80)  # past the 256-token limit: truncated
@@ -75,12 +75,12 @@ class Counting:
 
 async def test_batcher_batches_requests_that_arrive_during_an_encode(embedder: Embedder) -> None:
     counting = Counting(embedder)
-    batcher = EmbeddingBatcher(counting)  # type: ignore[arg-type]
+    batcher = TextBatcher(counting.embed)
     try:
         texts = PROMPTS[:40]
-        first = asyncio.create_task(batcher.embed_one(texts[0]))
+        first = asyncio.create_task(batcher.one(texts[0]))
         await asyncio.sleep(0)  # the first request reaches the encoder alone, without waiting for company
-        rest = await asyncio.gather(*(batcher.embed_one(text) for text in texts[1:]))
+        rest = await asyncio.gather(*(batcher.one(text) for text in texts[1:]))
         vectors = np.stack([await first, *rest])
         assert counting.calls == [1, len(texts) - 1]  # the others queued behind it and went as one batch
         np.testing.assert_allclose(vectors, np.stack([embedder.embed([t])[0] for t in texts]), atol=1e-5)
@@ -90,9 +90,9 @@ async def test_batcher_batches_requests_that_arrive_during_an_encode(embedder: E
 
 async def test_batcher_splits_at_max_batch(embedder: Embedder) -> None:
     counting = Counting(embedder)
-    batcher = EmbeddingBatcher(counting, max_batch=8)  # type: ignore[arg-type]
+    batcher = TextBatcher(counting.embed, max_batch=8)
     try:
-        vectors = await asyncio.gather(*(batcher.embed_one(text) for text in PROMPTS[:20]))
+        vectors = await asyncio.gather(*(batcher.one(text) for text in PROMPTS[:20]))
         assert counting.calls == [8, 8, 4] and len(vectors) == 20
     finally:
         batcher.close()
@@ -100,11 +100,11 @@ async def test_batcher_splits_at_max_batch(embedder: Embedder) -> None:
 
 async def test_batcher_passes_errors_to_every_caller_and_recovers(embedder: Embedder) -> None:
     counting = Counting(embedder, fail=True)
-    batcher = EmbeddingBatcher(counting)  # type: ignore[arg-type]
+    batcher = TextBatcher(counting.embed)
     try:
-        results = await asyncio.gather(*(batcher.embed_one(t) for t in PROMPTS[:5]), return_exceptions=True)
+        results = await asyncio.gather(*(batcher.one(t) for t in PROMPTS[:5]), return_exceptions=True)
         assert all(isinstance(r, RuntimeError) for r in results)
         counting.fail = False
-        assert (await batcher.embed_one(PROMPTS[0])).shape == (embedder.dim,)
+        assert (await batcher.one(PROMPTS[0])).shape == (embedder.dim,)
     finally:
         batcher.close()

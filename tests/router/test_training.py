@@ -109,8 +109,9 @@ async def test_predictor_policies_route_from_the_models_and_fall_back_when_broke
     with caplog.at_level(logging.WARNING, logger="llm_router"):
         engine.predictors.reload()
     assert engine.predictors.forc is None and any("forc" in r.getMessage() for r in caplog.records)
-    fallback = await engine.route(_request("What is 12 * 7?"))
-    assert fallback.propensity < 1 or fallback.scores != info.scores
+    await engine.route(_request("What is 12 * 7?"))
+    internals = (await engine.stats())["policies"]["forc"]["internals"]
+    assert (internals["decided_by_model"], internals["decided_by_fallback"]) == (1, 2)
     await engine.close()
 
 
