@@ -18,10 +18,28 @@ small dense features instead (scores biased ~0.2 high), unless the embedding nam
 1/sqrt(dim) so that a unit vector weighs about as much as one unit feature; the prompt length is scaled
 to about 0..1 for the same reason.
 
-Label. VW minimises cost: the chosen action costs -(reward - lambda * cost) = -utility, with the logged
-propensity as its probability. MTR already weighs a sample by 1 / (K * propensity), which is what
-`importance_weight` computes, and VW's text CB label has no weight field anyway, so `Feedback.weight`
-is not applied again.
+Label. VW minimises cost: the chosen action costs -(reward - lambda * cost) = -utility. MTR weighs
+the labelled sample by 1 / (label probability) times VW's running (events / actions), i.e. 1 / (K * p)
+for K candidates. Two things keep that weight correct:
+
+- Position. With `cb_explore_adf` (squarecb and epsilon alike), VW 9.x resets the label probability to
+  1 on every action line but the last before MTR reads it. Measured on 9.11, one update of a fresh model
+  with 3 actions: at positions 0 and 1 the labelled score moves to 0.58 whether p is 0.1, 0.9 or 1; at
+  position 2 to 0.94 at p=0.1 and 0.60 at p=0.9. The weight thus depended on the order the backends
+  were listed in: 1/K on all lines but the last, 1/(K * p), up to 1000/K, on the last. `_learn` writes
+  the labelled action line last; each action line carries its own features and MTR updates on the
+  labelled one only, so the order of the lines is otherwise immaterial (the model comes out identical).
+- Clipping. The label probability is 1 / (K * w), with w = `importance_weight(propensity, K)`: the
+  inverse propensity relative to uniform, clipped to [1/10, MAX_IMPORTANCE_WEIGHT = 10]. MTR then
+  weighs the sample by w (exactly while K is constant). Unclipped, a choice logged at the 1e-3 floor
+  would count ~1000/K times an ordinary one and drag the regression by itself; clipping at 10 trades a
+  little bias for that variance, as the router does for every other policy.
+
+`Feedback.weight` is not applied on top: for another policy's logged sample the router sets it to
+`importance_weight(propensity, K)`, the very weight derived here from the propensity, so multiplying
+would count the correction twice; for this policy's own samples it is 1, and the propensity still
+carries VW's own exploration probability, which MTR needs to stay unbiased. (VW's text CB label has no
+weight field either.)
 
 Persistence. VW saves only to files; since 9.0 a saved model carries the resume state (weights, AdaGrad
 sums, the explore counters), so restoring it learns on exactly as the original would. The model and its
@@ -42,7 +60,7 @@ from urllib.parse import quote
 import numpy as np
 from vowpalwabbit import Workspace
 
-from policies.base import Choice, Context, Feedback, Policy, PolicyError, registry
+from policies.base import Choice, Context, Feedback, Policy, PolicyError, importance_weight, registry
 
 MIN_PROBABILITY = 1e-3  # floor on every arm's probability, so logged propensities stay usable
 
@@ -142,10 +160,12 @@ class VowpalWabbitPolicy(Policy):
         names = feedback.context.arm_names
         if feedback.arm not in names:  # the decision's candidates don't hold the arm: no action to label
             return
-        lines = [_shared_line(feedback.context), *_action_lines(feedback.context)]
-        chosen = 1 + names.index(feedback.arm)
-        lines[chosen] = f"0:{-feedback.utility:.9g}:{feedback.propensity:.9g} {lines[chosen]}"
-        examples = self._vw.parse(lines)
+        # the labelled line goes last, the only position where VW keeps its probability (see Label above)
+        actions = _action_lines(feedback.context)
+        chosen = actions.pop(names.index(feedback.arm))
+        probability = 1.0 / (len(names) * importance_weight(feedback.propensity, len(names)))  # in (0, 1]
+        labelled = f"0:{-feedback.utility:.9g}:{probability:.9g} {chosen}"
+        examples = self._vw.parse([_shared_line(feedback.context), *actions, labelled])
         self._vw.learn(examples)
         self._vw.finish_example(examples)
         self._learned += 1

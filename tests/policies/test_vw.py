@@ -1,5 +1,6 @@
 """VW-specific behaviour of the `vw` policy: persistence across processes, options, label sign, features."""
 
+import itertools
 import json
 import subprocess
 import sys
@@ -90,14 +91,61 @@ def test_scores_are_the_predicted_utility_and_the_better_backend_wins():
     assert scores["cheap"] < scores["strong"] - 0.3
 
 
-def test_a_rare_logged_choice_moves_the_model_more_than_a_likely_one():
-    """The propensity is the label's probability: MTR weighs the sample by 1 / propensity."""
+@pytest.mark.parametrize("position", [0, 1, 2])
+def test_a_rare_logged_choice_moves_the_model_more_than_a_likely_one(position):
+    """The propensity sets the sample's weight wherever the backend is listed (VW 9 keeps the label's
+    probability on the last action line only; at positions 0 and 1 it used to make no difference)."""
+    arms = ("x", "y", "z")
     moved = {}
     for propensity in (0.9, 0.1):
         policy = registry.create("vw")
-        policy.learn(Feedback(_context(0), "strong", 1.0, propensity))
-        moved[propensity] = policy.score(_context(0)).scores["strong"]
-    assert 0.0 < moved[0.9] < moved[0.1]
+        policy.learn(Feedback(_context(0, arms), arms[position], 1.0, propensity))
+        moved[propensity] = policy.score(_context(0, arms)).scores[arms[position]]
+    assert 0.0 < moved[0.9] < moved[0.1] - 0.1
+
+
+def test_importance_weight_is_clipped():
+    """Below 1 / (10 K) a propensity counts as 1 / (10 K): one sample logged at the 1e-3 floor weighs
+    10x a uniform one, not ~333x."""
+    arms = ("x", "y", "z")
+    scores = {}
+    for propensity in (1e-3, 0.02, 0.5):
+        policy = registry.create("vw")
+        policy.learn(Feedback(_context(0, arms), "z", 1.0, propensity))
+        scores[propensity] = policy.score(_context(0, arms)).scores["z"]
+    assert scores[1e-3] == pytest.approx(scores[0.02], abs=1e-9)
+    assert scores[0.02] > scores[0.5] + 0.05
+
+
+def _learn_logged_stream(order: tuple[str, ...]) -> list[dict[str, float]]:
+    """One logged stream, learned with the backends listed in `order`; the scores on fresh queries.
+
+    The logger alternates between "a" and "b" (propensity 0.475 each) and tried "rare", the best
+    backend, once (propensity 0.05): weighted 1/(K p), that one sample outweighs the others' levels."""
+    costs = {"a": 1e-5, "b": 2e-5, "rare": 3e-5}  # by name: the same price features in every order
+    logger = {"a": 0.475, "b": 0.475, "rare": 0.05}
+    rewards = {"a": 0.5, "b": 0.6, "rare": 0.9}
+
+    def context(seed: int) -> Context:
+        return Context(_context(seed).embedding, 40, tuple(Arm(name, 1.0, 2.0, costs[name]) for name in order))
+
+    policy = registry.create("vw", seed=1)
+    for step in range(20):
+        arm = "rare" if step == 7 else ("a", "b")[step % 2]
+        policy.learn(Feedback(context(step), arm, rewards[arm], logger[arm]))
+    return [policy.score(context(5000 + i)).scores for i in range(10)]
+
+
+def test_backend_order_does_not_change_what_is_learned():
+    """VW used to weigh the rare sample by 1/(K p) only when "rare" was listed last (1/K elsewhere), so
+    listed first or second it lost to "b" on most queries."""
+    reference = _learn_logged_stream(("a", "b", "rare"))
+    assert all(max(scores, key=scores.get) == "rare" for scores in reference)
+    for order in itertools.permutations(("a", "b", "rare")):
+        learned = _learn_logged_stream(order)
+        assert [max(scores, key=scores.get) for scores in learned] == ["rare"] * len(reference)
+        for got, want in zip(learned, reference):
+            assert got == pytest.approx(want, abs=1e-4)
 
 
 def test_budget_penalty_is_learned_from_the_label():
