@@ -4,24 +4,11 @@ Whether a request may go to a backend is its circuit breaker's call (`backends.b
 health flag: a failed call or a failed health check opens the breaker, so the next request avoids a
 server that just failed one; after the open period one request probes it again.
 
-A request's path through the pool (the engine's side):
-
-    for name in order:                      # candidates, from `eligible()` at decision time
-        if not pool.acquire(name):          # refused (open, or another request holds the probe)
-            continue
-        try:
-            result = await call(name)
-        except BackendError as error:
-            if error.retryable:
-                pool.record_failure(name, str(error))   # connection error, timeout, 5xx
-            else:
-                pool.record_success(name)               # a 4xx: the backend is up and answered
-            ...
-        except BaseException:
-            pool.release(name)              # cancelled / client gone: no verdict
-            raise
-        else:
-            pool.record_success(name)
+A request's path through the pool is `call_with_failover`, for plain and streamed calls alike: each
+backend in order is admitted by its breaker (`acquire`) or skipped; a connection error, timeout or
+5xx counts against the backend and moves on to the next one; a 4xx is the request's fault (the
+backend answered, so it counts as a success for the breaker) and ends the loop; a cancelled call
+releases the slot with no verdict.
 
 `healthy` stays the last health check's verdict, for reporting only.
 """
@@ -30,14 +17,34 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 from backends.breaker import BreakerSettings, CircuitBreaker
-from backends.client import BackendClient, BackendSpec, HealthReport
+from backends.client import BackendClient, BackendError, BackendSpec, HealthReport
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A backend a request did not get an answer from, and why (`status` None: skipped by its breaker)."""
+
+    backend: str
+    status: int | None
+    reason: str
+
+
+class FailoverExhausted(Exception):
+    """No backend in the order answered; `last_error` is the last call's error (None: all were skipped)."""
+
+    def __init__(self, last_error: BackendError | None, failures: list[Failure]) -> None:
+        super().__init__(str(last_error) if last_error else "every backend was skipped")
+        self.last_error = last_error
+        self.failures = failures
 
 
 @dataclass
@@ -115,6 +122,50 @@ class BackendPool:
     def release(self, name: str) -> None:
         """An acquired request ended without a verdict on the backend (client gone, cancelled)."""
         self._states[name].breaker.release()
+
+    def record_error(self, error: BackendError) -> None:
+        """A call (or a stream already under way) failed: the breaker hears of it unless the client was at fault."""
+        if error.retryable:
+            self.record_failure(error.backend, str(error))
+        else:
+            self.record_success(error.backend)  # it answered: the request was at fault, not the backend
+
+    async def call_with_failover(
+        self,
+        order: list[str],
+        call: Callable[[BackendState], Awaitable[T]],
+        *,
+        pinned: bool,
+        failures: list[Failure],
+        on_error: Callable[[BackendError], None] | None = None,
+    ) -> tuple[str, T]:
+        """`call` each backend in `order` until one answers: returns (backend, its result).
+
+        A pinned request bypasses the breaker and is never retried elsewhere. Every backend that did not
+        answer is appended to `failures`; `on_error` hears each failed call. Raises `FailoverExhausted`.
+        """
+        last_error: BackendError | None = None
+        for name in order:
+            if not (pinned or self.acquire(name)):
+                failures.append(Failure(name, None, "circuit breaker open"))
+                continue
+            try:
+                result = await call(self._states[name])
+            except BackendError as error:
+                last_error = error
+                failures.append(Failure(name, error.status, str(error)))
+                self.record_error(error)
+                if on_error is not None:
+                    on_error(error)
+                if error.retryable and not pinned:
+                    continue
+                break
+            except BaseException:
+                self.release(name)
+                raise
+            self.record_success(name)
+            return name, result
+        raise FailoverExhausted(last_error, failures)
 
     async def check_all(self, timeout_s: float) -> None:
         states = list(self._states.values())

@@ -1,7 +1,11 @@
-"""Routing policies: one module per policy, registered by name in `policies.registry`."""
+"""Routing policies: one module per policy, registered by name in `policies.registry`.
 
-from policies import elo, fixed, forc, gradient, hybrid, qlearning, random_policy, thompson, vw  # noqa: F401  (registration side effect)
+Importing this package loads only the shared types and the registry; a policy's module (and what it
+needs, such as Vowpal Wabbit) is imported when the policy is first created.
+"""
+
 from policies.base import (
+    PREDICTED_POLICIES,
     Arm,
     Choice,
     Context,
@@ -14,4 +18,7 @@ from policies.base import (
     registry,
 )
 
-__all__ = ["Arm", "Choice", "Context", "Feedback", "Neighbour", "Policy", "PolicyError", "Predictions", "importance_weight", "registry"]
+__all__ = [
+    "PREDICTED_POLICIES", "Arm", "Choice", "Context", "Feedback", "Neighbour", "Policy", "PolicyError", "Predictions",
+    "importance_weight", "registry",
+]

@@ -13,11 +13,12 @@ is in reward units whatever the price scale of the backends.
 
 from __future__ import annotations
 
+import importlib
 import math
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -271,24 +272,50 @@ def _decode_rng(encoded: list) -> tuple:
     return (version, tuple(internal), gauss)
 
 
-@dataclass
+# name -> module that defines it: the registry imports a policy's module only when the policy is used,
+# so importing the shared types (as router.memory and router.budget do) loads no policy and no VW.
+POLICY_MODULES = {
+    "elo": "policies.elo",
+    "fixed": "policies.fixed",
+    "forc": "policies.forc",
+    "gradient": "policies.gradient",
+    "hybrid": "policies.hybrid",
+    "qlearning": "policies.qlearning",
+    "random": "policies.random_policy",
+    "thompson": "policies.thompson",
+    "vw": "policies.vw",
+}
+# Policies that route on trained predictors; the predictor kinds (router.predictors) carry their names.
+PREDICTED_POLICIES = ("forc", "hybrid")
+
+
 class _Registry:
-    classes: dict[str, type[Policy]] = field(default_factory=dict)
+    """Policies by name. A module registers its class with `@registry.register` when it is imported."""
+
+    def __init__(self, modules: dict[str, str]) -> None:
+        self._modules = modules
+        self._classes: dict[str, type[Policy]] = {}
 
     def register(self, cls: type[Policy]) -> type[Policy]:
-        self.classes[cls.name] = cls
+        self._classes[cls.name] = cls
         return cls
 
     def names(self) -> list[str]:
-        return sorted(self.classes)
+        return sorted(self._modules)
+
+    def get(self, name: str) -> type[Policy]:
+        if name not in self._modules:
+            raise PolicyError(f"unknown policy {name!r}; known: {self.names()}")
+        if name not in self._classes:
+            importlib.import_module(self._modules[name])
+        return self._classes[name]
 
     def create(self, name: str, seed: int | None = None, **options: Any) -> Policy:
-        if name not in self.classes:
-            raise PolicyError(f"unknown policy {name!r}; known: {self.names()}")
+        cls = self.get(name)
         try:
-            return self.classes[name](seed=seed, **options)
+            return cls(seed=seed, **options)
         except TypeError as exc:
             raise PolicyError(f"bad options for policy {name!r}: {exc}") from exc
 
 
-registry = _Registry()
+registry = _Registry(POLICY_MODULES)

@@ -21,7 +21,7 @@ class PredictedPolicy(Policy):
 
     def __init__(self, seed: int | None = None, fallback: str = "thompson", fallback_options: dict[str, Any] | None = None) -> None:
         super().__init__(seed)
-        if fallback == self.name or issubclass(registry.classes.get(fallback, Policy), PredictedPolicy):
+        if fallback == self.name or (fallback in registry.names() and issubclass(registry.get(fallback), PredictedPolicy)):
             raise PolicyError(f"fallback must be a bandit policy, not {fallback!r}")
         self.fallback = registry.create(fallback, seed=seed, **(fallback_options or {}))
         self._by_model = 0

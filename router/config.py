@@ -81,6 +81,9 @@ class BudgetConfig(_Strict):
     target_usd_per_hour: float = Field(default=0.0, ge=0, description="Pacing target, USD per hour; 0 = none.")
     cost_weight: float = Field(default=0.0, ge=0, description="Static lambda when there is no target.")
     pacing_step: float = Field(default=0.05, gt=0, le=10, description="How fast lambda reacts to over/under spend.")
+    max_carryover_hours: float = Field(
+        default=1.0, gt=0, le=168, description="Hourly target: the most unspent budget (in hours of it) a burst may use."
+    )
 
     @model_validator(mode="after")
     def _one_target(self) -> BudgetConfig:

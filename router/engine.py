@@ -1,27 +1,36 @@
-"""The decision path shared by the service and the offline replay: recall, predict cost, decide, learn.
+"""The routing engine: pure and in memory, the one decide/learn object the service and replay share.
 
-Pure and in memory (no I/O): given a query embedding and the candidate backends it recalls the nearest
-past decisions, predicts each backend's cost, applies the per-request cap, lets the active policy choose
-while every other policy scores the same context (shadow evaluation), and learns from feedback. The
-service wraps it with embedding, the database and backend calls; the replay feeds it recorded outcomes.
+Given a query embedding and the candidate backends it recalls the nearest past decisions, predicts each
+backend's cost, applies the caller's spending limit, the per-request cap and pacing, lets the deciding
+policy choose while every other policy scores the same context (shadow evaluation), and learns from
+feedback. No I/O: the service (`router.service`) wraps it with embedding, the database and backend
+calls; the replay (`router.replay`) feeds it recorded outcomes. `build_engine` makes it from a config
+for both.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from policies import Arm, Choice, Context, Feedback, Neighbour, Policy, Predictions, importance_weight
-from router.budget import BudgetPacer, OutputLengthModel, predict_cost
+from policies import Arm, Choice, Context, Feedback, Neighbour, Policy, Predictions, importance_weight, registry
+from router.budget import BudgetPacer, OutputLengthModel, SpendLimit, predict_cost
+from router.config import RouterConfig
 from router.memory import Memory, MemoryEntry
 
-PINNED = "pinned"
+log = logging.getLogger("llm_router")
+
+PINNED = "pinned"  # the `policy` of a decision the client pinned to a backend
 
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
+    """A backend the engine may choose, with its prices."""
+
     name: str
     price_per_1m_input_tokens_usd: float
     price_per_1m_output_tokens_usd: float
@@ -29,11 +38,17 @@ class Candidate:
 
 @dataclass
 class DecisionRecord:
-    """Everything needed to learn from a decision later, also after a restart (stored with it)."""
+    """The engine's decision, and everything needed to learn from it later (stored with it, so also
+    after a restart).
+
+    `chosen` is the deciding policy's pick and `propensity` its probability. `backend` is the backend
+    that answered: the chosen one, or another after a failover (None until an answer came). `shadow`
+    holds every policy's probabilities over the candidates (the deciding one's included).
+    """
 
     decision_id: str
     policy: str
-    arm: str
+    chosen: str
     propensity: float
     prompt_tokens: int
     arms: list[Arm]
@@ -41,13 +56,46 @@ class DecisionRecord:
     cost_weight: float
     cost_scale: float
     shadow: dict[str, dict[str, float]] = field(default_factory=dict)  # policy -> probabilities
-    shadow_choices: dict[str, str] = field(default_factory=dict)  # policy -> arm it would have chosen
+    shadow_choices: dict[str, str] = field(default_factory=dict)  # policy -> backend it would have chosen
+    backend: str | None = None
+    # known when deciding, not needed to learn (not stored in the learning columns)
+    scores: dict[str, float] = field(default_factory=dict)
+    fallbacks: list[str] = field(default_factory=list)  # other candidates, best score first: where a failed call goes
+    max_cost_usd: float | None = None
+    over_budget: bool = False  # no candidate fitted the per-request cap; the cheapest was chosen
+    worst_case_usd: float = 0.0  # the chosen backend's cost at the full output limit: what a key's budget reserves
+
+    @property
+    def answered_by(self) -> str:
+        return self.backend or self.chosen
+
+    @property
+    def failed_over(self) -> bool:
+        return self.backend is not None and self.backend != self.chosen
+
+    @property
+    def predicted_cost_usd(self) -> float:
+        arm = next((a for a in self.arms if a.name == self.chosen), None)
+        return arm.predicted_cost_usd if arm else 0.0
+
+    @property
+    def learning_propensity(self) -> float:
+        """The logging probability of the backend that answered.
+
+        Without a failover it is the chosen backend's propensity. After one, the answering backend was
+        reached by choosing it, or by choosing the backend that failed: the sum of the two logged
+        probabilities (exact when it was the failed backend's first fallback, a lower bound otherwise).
+        """
+        if not self.failed_over:
+            return self.propensity
+        logged = self.shadow.get(self.policy, {})
+        return min(1.0, self.propensity + logged.get(self.answered_by, 0.0))
 
     def context(self, embedding: np.ndarray) -> Context:
         return Context(embedding, self.prompt_tokens, tuple(self.arms), tuple(self.neighbours), self.cost_weight, self.cost_scale)
 
     def columns(self) -> dict[str, Any]:
-        """The JSON-friendly parts, as stored on the decision row."""
+        """The JSON-friendly learning parts, as stored on the decision row."""
         return {
             "candidates": [asdict(a) for a in self.arms],
             "neighbours": [
@@ -60,12 +108,15 @@ class DecisionRecord:
         }
 
     @classmethod
-    def from_columns(cls, decision_id: str, policy: str, arm: str, propensity: float, prompt_tokens: int, columns: dict[str, Any]) -> DecisionRecord:
+    def from_columns(
+        cls, decision_id: str, policy: str, chosen: str, backend: str | None, propensity: float, prompt_tokens: int, columns: dict[str, Any]
+    ) -> DecisionRecord:
         shadow = columns.get("shadow") or {}
         return cls(
             decision_id=decision_id,
             policy=policy,
-            arm=arm,
+            chosen=chosen,
+            backend=backend,
             propensity=propensity,
             prompt_tokens=prompt_tokens,
             arms=[Arm(**a) for a in columns["candidates"]],
@@ -77,37 +128,19 @@ class DecisionRecord:
         )
 
 
-class SpendLimitReached(Exception):
-    """Not even the cheapest candidate fits the caller's remaining spending budget."""
-
-    def __init__(self, cheapest_usd: float) -> None:
-        super().__init__(f"the cheapest candidate costs about ${cheapest_usd:.6f}")
-        self.cheapest_usd = cheapest_usd
-
-
-@dataclass
-class CoreDecision:
-    record: DecisionRecord
-    choice: Choice
-    context: Context
-    cap: float | None
-    over_budget: bool
-
-    @property
-    def fallbacks(self) -> list[str]:
-        """Other candidates, best score first: where a failed call is retried."""
-        others = [a.name for a in self.context.arms if a.name != self.choice.arm]
-        return sorted(others, key=lambda a: -self.choice.scores.get(a, 0.0))
-
-
 @dataclass
 class ShadowEstimate:
-    """Off-policy value of a policy from logged decisions it did not necessarily make (IPS, SNIPS)."""
+    """Off-policy value of a policy from logged decisions it did not necessarily make (IPS, SNIPS).
+
+    Decisions answered by a failover backend are left out (`excluded_failover`): the answering
+    backend's logging probability is not known exactly, so they would bias the estimate.
+    """
 
     rewards: int = 0
     ips_sum: float = 0.0
     weight_sum: float = 0.0
     matches: int = 0
+    excluded_failover: int = 0
 
     def add(self, reward: float, policy_probability: float, logged_propensity: float, matched: bool) -> None:
         ratio = policy_probability / logged_propensity
@@ -120,12 +153,13 @@ class ShadowEstimate:
         return {
             "rewards": self.rewards,
             "matching_decisions": self.matches,
+            "excluded_failover": self.excluded_failover,
             "ips": self.ips_sum / self.rewards if self.rewards else None,
             "snips": self.ips_sum / self.weight_sum if self.weight_sum else None,
         }
 
 
-class RoutingCore:
+class RoutingEngine:
     def __init__(
         self,
         policies: dict[str, Policy],
@@ -142,6 +176,7 @@ class RoutingCore:
         self.output_lengths = output_lengths
         self.neighbours = neighbours
         self.shadow: dict[str, ShadowEstimate] = {name: ShadowEstimate() for name in policies}
+        self.learn_errors: Counter[str] = Counter()  # per policy: feedback it failed to learn from
 
     def decide(
         self,
@@ -155,11 +190,15 @@ class RoutingCore:
         pinned: str | None = None,
         max_cost_usd: float | None = None,
         output_limit: int | None = None,
-        spend_limit_usd: float | None = None,
+        spend_limit: SpendLimit | None = None,
         predictions: Predictions | None = None,
-    ) -> CoreDecision:
-        """`max_cost_usd` is a soft cap (the cheapest backend is used when none fits); `spend_limit_usd`
-        is hard: when nothing fits it, `SpendLimitReached` is raised before anything is remembered."""
+    ) -> DecisionRecord:
+        """Choose a backend, remember the query, and reserve the predicted cost with the pacer.
+
+        `max_cost_usd` is a soft cap (the cheapest backend is used when none fits). `spend_limit` is
+        hard: a backend whose worst case (the whole `output_limit` generated) does not fit it is not a
+        candidate, and when none fits the limit's 429 is raised before anything is remembered.
+        """
         neighbours = self.memory.search(embedding, self.neighbours)
         arms = [
             Arm(c.name, c.price_per_1m_input_tokens_usd, c.price_per_1m_output_tokens_usd,
@@ -167,8 +206,12 @@ class RoutingCore:
                              self.output_lengths.expected(c.name, neighbours, output_limit)))
             for c in candidates
         ]
-        if spend_limit_usd is not None:
-            arms = [a for a in arms if a.predicted_cost_usd <= spend_limit_usd] or self._reject(arms)
+        worst = {a.name: self._worst_case(a, prompt_tokens, output_limit) for a in arms}
+        if spend_limit is not None:
+            fitting = [a for a in arms if worst[a.name] <= spend_limit.remaining_usd]
+            if not fitting:
+                raise spend_limit.refuse(min(worst.values()))
+            arms = fitting
         affordable = [a for a in arms if max_cost_usd is None or a.predicted_cost_usd <= max_cost_usd]
         over_budget = not affordable
         if over_budget:
@@ -195,10 +238,11 @@ class RoutingCore:
         else:
             choice = self.policies[deciding].choose(context)
             shadow = {name: (choice if name == deciding else p.score(context)) for name, p in self.policies.items()}
+        others = [a.name for a in context.arms if a.name != choice.arm]
         record = DecisionRecord(
             decision_id=decision_id,
             policy=deciding,
-            arm=choice.arm,
+            chosen=choice.arm,
             propensity=choice.propensity,
             prompt_tokens=prompt_tokens,
             arms=list(context.arms),
@@ -207,13 +251,25 @@ class RoutingCore:
             cost_scale=context.cost_scale,
             shadow={name: c.probabilities for name, c in shadow.items()},
             shadow_choices={name: c.arm for name, c in shadow.items()},
+            scores=choice.scores,
+            fallbacks=sorted(others, key=lambda a: -choice.scores.get(a, 0.0)),
+            max_cost_usd=max_cost_usd,
+            over_budget=over_budget,
+            worst_case_usd=worst.get(choice.arm, 0.0),
         )
         self.memory.add(np.array([memory_id], dtype=np.int64), embedding.reshape(1, -1), [MemoryEntry(decision_id, choice.arm)])
-        return CoreDecision(record, choice, context, max_cost_usd, over_budget)
+        self.pacer.reserve(decision_id, record.predicted_cost_usd)
+        return record
+
+    @staticmethod
+    def _worst_case(arm: Arm, prompt_tokens: int, output_limit: int | None) -> float:
+        if output_limit is None:
+            return arm.predicted_cost_usd
+        return predict_cost(arm.price_per_1m_input_tokens_usd, arm.price_per_1m_output_tokens_usd, prompt_tokens, output_limit)
 
     @staticmethod
     def _priced(predictions: Predictions, arms: list[Arm], prompt_tokens: int) -> Predictions:
-        """FORC's lengths turned into costs with each arm's prices (the router's estimate where it has none)."""
+        """FORC's lengths turned into costs with each backend's prices (the router's estimate where it has none)."""
         if predictions.output_tokens is None:
             return predictions
         costs = {}
@@ -225,19 +281,36 @@ class RoutingCore:
             )
         return replace(predictions, cost_usd=costs)
 
-    @staticmethod
-    def _reject(arms: list[Arm]) -> list[Arm]:
-        raise SpendLimitReached(min(a.predicted_cost_usd for a in arms))
+    def forget(self, decision_id: str) -> None:
+        """A decision that was never logged: out of the memory and the pacer's reservations."""
+        self.memory.remove(decision_id)
+        self.pacer.release(decision_id)
 
     def record_outcome(self, decision_id: str, backend: str, cost_usd: float, output_tokens: float | None) -> None:
         """An answer was produced (possibly by a failover backend): spend, answer length, memory."""
-        self.pacer.observe(cost_usd)
+        self.pacer.observe(cost_usd, decision_id)
         if output_tokens is not None:
             self.output_lengths.observe(backend, output_tokens)
         entry = self.memory.entry(decision_id)
         if entry is not None:
             entry.backend = backend
             entry.output_tokens = output_tokens
+
+    def record_failure(self, decision_id: str) -> None:
+        """No backend answered: nothing spent."""
+        self.pacer.release(decision_id)
+
+    def _each_policy(self, learners: set[str] | None, teach: Any) -> None:
+        """Run `teach(name, policy)` for every policy (or only `learners`); one that raises is logged and
+        counted, and the others still learn."""
+        for name, policy in self.policies.items():
+            if learners is not None and name not in learners:
+                continue
+            try:
+                teach(name, policy)
+            except Exception:
+                self.learn_errors[name] += 1
+                log.exception("policy %s could not learn", name)
 
     def learn(
         self,
@@ -249,19 +322,27 @@ class RoutingCore:
         learners: set[str] | None = None,
         with_router: bool = True,
     ) -> None:
-        """Every policy (or only `learners`) learns: the one that decided at full weight, the others
-        importance-weighted. `with_router` also updates the shadow estimates and the memory."""
+        """Every policy (or only `learners`) learns about the backend that answered: the one that
+        decided at full weight, the others importance-weighted. `with_router` also updates the shadow
+        estimates and the memory."""
         context = record.context(embedding)
-        for name, policy in self.policies.items():
-            if learners is None or name in learners:
-                weight = 1.0 if name == record.policy else importance_weight(record.propensity, len(record.arms))
-                policy.learn(Feedback(context, record.arm, reward, record.propensity, cost_usd, latency_ms, weight))
+        backend, propensity = record.answered_by, record.learning_propensity
+
+        def teach(name: str, policy: Policy) -> None:
+            weight = 1.0 if name == record.policy else importance_weight(propensity, len(record.arms))
+            policy.learn(Feedback(context, backend, reward, propensity, cost_usd, latency_ms, weight))
+
+        self._each_policy(learners, teach)
         if not with_router:
             return
         for name, probabilities in record.shadow.items():
-            if name in self.shadow:
-                matched = record.shadow_choices.get(name) == record.arm
-                self.shadow[name].add(reward, probabilities.get(record.arm, 0.0), record.propensity, matched)
+            if name not in self.shadow:
+                continue
+            if record.failed_over:
+                self.shadow[name].excluded_failover += 1
+                continue
+            matched = record.shadow_choices.get(name) == record.chosen
+            self.shadow[name].add(reward, probabilities.get(record.chosen, 0.0), record.propensity, matched)
         entry = self.memory.entry(record.decision_id)
         if entry is not None:
             entry.reward = reward
@@ -270,9 +351,7 @@ class RoutingCore:
         self, record: DecisionRecord, embedding: np.ndarray, winner: str, loser: str, learners: set[str] | None = None
     ) -> None:
         context = record.context(embedding)
-        for name, policy in self.policies.items():
-            if learners is None or name in learners:
-                policy.learn_preference(context, winner, loser)
+        self._each_policy(learners, lambda _, policy: policy.learn_preference(context, winner, loser))
         entry = self.memory.entry(record.decision_id)
         if entry is not None:
             entry.preference = (winner, loser)
@@ -298,4 +377,38 @@ class RoutingCore:
             "budget": self.pacer.stats(),
             "expected_output_tokens": self.output_lengths.stats(),
             "shadow": {name: estimate.view() for name, estimate in self.shadow.items()},
+            "learn_errors": {name: self.learn_errors[name] for name in self.policies},
         }
+
+
+def build_engine(
+    config: RouterConfig,
+    dim: int,
+    *,
+    policies: list[str] | None = None,
+    active: str | None = None,
+    seed: int | None = None,
+) -> RoutingEngine:
+    """The engine a config describes, for `serve` and `replay` alike: its policies with their options,
+    the budget (targets, lambda, pacing step, carry-over) and the number of neighbours recalled.
+
+    `policies` replaces the config's policy set (replay runs one policy, or one with the config's
+    shadows); `active` defaults to the config's default policy when it runs, else the first one.
+    """
+    names = policies or config.policy_names
+    chosen_seed = config.seed if seed is None else seed
+    budget = config.budget
+    return RoutingEngine(
+        policies={name: registry.create(name, seed=chosen_seed, **config.policy_options.get(name, {})) for name in names},
+        active=active or (config.default_policy if config.default_policy in names else names[0]),
+        memory=Memory(dim),
+        pacer=BudgetPacer(
+            target_usd_per_query=budget.target_usd_per_query or None,
+            target_usd_per_hour=budget.target_usd_per_hour or None,
+            cost_weight=budget.cost_weight,
+            step=budget.pacing_step,
+            max_carryover_hours=budget.max_carryover_hours,
+        ),
+        output_lengths=OutputLengthModel(default_tokens=budget.default_output_tokens),
+        neighbours=config.embedder.neighbours,
+    )

@@ -16,7 +16,7 @@ from sqlalchemy import Engine, select
 from sqlmodel import Session
 
 from router.predictors.data import Outcome
-from router.tables import Decision, ImportedOutcome, Reward
+from router.tables import DecisionRow, ImportedOutcome, Reward
 
 
 class HistoryFileError(ValueError):
@@ -89,9 +89,9 @@ def training_outcomes(db: Engine, backends: list[str]) -> list[Outcome]:
             .order_by(ImportedOutcome.id)
         ).all()
         logged = session.execute(
-            select(Decision.query, Decision.backend, Reward.reward, Decision.completion_tokens, Reward.created_at)
-            .join(Reward, Reward.decision_id == Decision.id)
-            .where(Decision.backend.in_(wanted), Decision.status != "error")
+            select(DecisionRow.query, DecisionRow.backend, Reward.reward, DecisionRow.completion_tokens, Reward.created_at)
+            .join(Reward, Reward.decision_id == DecisionRow.id)
+            .where(DecisionRow.backend.in_(wanted), DecisionRow.status != "error")
             .order_by(Reward.id)
         ).all()
     return [Outcome(text, backend, float(quality), tokens, _seconds(at)) for text, backend, quality, tokens, at in [*imported, *logged]]

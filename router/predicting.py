@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from policies import Predictions
+from policies import PREDICTED_POLICIES, Predictions
 from router.predictors import ArtifactStore, ForcPredictor, HybridPredictor
 
 log = logging.getLogger("llm_router")
@@ -22,11 +22,11 @@ class PredictorSet:
         self.backends = backends
         self.forc: ForcPredictor | None = None
         self.hybrid: HybridPredictor | None = None
-        self.versions: dict[str, str | None] = {"forc": None, "hybrid": None}
+        self.versions: dict[str, str | None] = dict.fromkeys(PREDICTED_POLICIES)
 
     def reload(self) -> dict[str, str | None]:
         """Load the current version of each model (a missing or broken one leaves None, logged by the store)."""
-        for kind in ("forc", "hybrid"):
+        for kind in PREDICTED_POLICIES:
             version = self.store.current(kind)
             name = version.name if version else None
             if name == self.versions[kind] and getattr(self, kind) is not None:
@@ -57,7 +57,7 @@ class PredictorSet:
 
     def describe(self) -> dict[str, Any]:
         described: dict[str, Any] = {}
-        for kind in ("forc", "hybrid"):
+        for kind in PREDICTED_POLICIES:
             version = self.store.current(kind) if self.versions[kind] else None
             described[kind] = {"version": self.versions[kind]}
             if version is not None:

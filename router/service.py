@@ -1,14 +1,16 @@
-"""The routing engine: the one object that owns the request path (embed, recall, decide, call, log).
+"""The routing service: async orchestration around the engine.
 
-The HTTP handlers and the offline replay both drive this class, so what is measured offline is what
-runs in the service.
+It embeds the query, asks the engine to decide, reserves the caller's spend, logs the decision, calls
+the backends with failover, records the outcome, learns from feedback, and owns the lifecycle (restart
+recovery, health checks, snapshots, the predictor schedule). It takes plain requests and hands back
+plain results and stream events: HTTP, SSE framing and the response's `router` object belong to
+`router.api`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -20,32 +22,24 @@ from typing import Any
 import numpy as np
 
 from backends.breaker import BreakerSettings
-from backends.client import BackendError, BackendSpec
-from backends.pool import BackendPool
-from policies import Policy, PolicyError, Predictions, registry
-from router.auth import Principal, SpendLedger, period_start
-from router.budget import BudgetPacer, OutputLengthModel
+from backends.client import BackendError, BackendSpec, StreamUsage
+from backends.pool import BackendPool, BackendState, FailoverExhausted, Failure
+from policies import PREDICTED_POLICIES, Policy, Predictions
+from router.budget import SpendLedger, period_start
 from router.config import BackendConfig, RouterConfig
-from router.core import PINNED, Candidate, DecisionRecord, RoutingCore, SpendLimitReached
 from router.db import create_db_engine, migrate
 from router.embedding import Embedder, TextBatcher
-from router.errors import (
-    BadGateway,
-    BadRequest,
-    Conflict,
-    Forbidden,
-    GatewayTimeout,
-    NotFound,
-    ServiceUnavailable,
-    UpstreamClientError,
-)
+from router.engine import PINNED, Candidate, DecisionRecord, build_engine
+from router.errors import BadGateway, BadRequest, Conflict, Forbidden, GatewayTimeout, NotFound, ServiceUnavailable, UpstreamClientError
 from router.memory import Memory
 from router.metrics import RouterMetrics
 from router.predicting import PredictorSet
-from router.protocol import ChatCompletionRequest, RewardRequest, RewardResponse, RouterInfo, RouterOptions
 from router.store import (
+    Finish,
     GroupWriter,
+    NewDecision,
     Store,
+    StoredDecision,
     add_decision,
     add_preference,
     add_reward,
@@ -53,12 +47,12 @@ from router.store import (
     load_decision,
     write_snapshot,
 )
-from router.tables import Decision, QueryEmbedding
 from router.training import TrainingScheduler, recent_runs
 
 log = logging.getLogger("llm_router")
 
 ROUTER_STATE = "_router"  # snapshot row of the router-level state (pacing, answer lengths, shadow estimates)
+FEEDBACK_WAIT_S = 60.0  # how long feedback on a decision still being answered waits for its final write
 
 
 def backend_spec(config: BackendConfig) -> BackendSpec:
@@ -78,29 +72,60 @@ def estimate_tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
 
-async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    yield first
-    async with contextlib.aclosing(rest) as upstream:
-        async for item in upstream:
-            yield item
+@dataclass(frozen=True)
+class RoutingRequest:
+    """What the service needs of a chat request (the API builds it from the OpenAI body)."""
+
+    query: str  # what is embedded: the question being asked
+    prompt: str  # every message's text: prices the prompt
+    model: str  # "auto" routes; a backend name pins that backend
+    output_limit: int  # the most tokens the answer may have (the client's limit, else the router's cap)
+    body: dict[str, Any]  # what a backend is sent
+    policy: str | None = None
+    max_cost_usd: float | None = None
 
 
 @dataclass
 class Routed:
-    """A decision made and logged, with the backends to try in order (the choice, then fallbacks)."""
+    """A decision in the service: the engine's record, who asked, and what happened to its calls."""
 
-    info: RouterInfo
-    order: list[str]
-    pinned: bool
+    record: DecisionRecord
+    kind: str  # chat | route
     tenant: str | None
-    failures: list[dict[str, Any]] = field(default_factory=list)  # each failed or skipped backend, with its reason
+    pinned: bool
+    failures: list[Failure] = field(default_factory=list)  # each failed or skipped backend, with its reason
+    cost_usd: float | None = None  # the answer's real cost, once known
 
-    def failed(self, backend: str, status: int | None, reason: str) -> None:
-        self.info.failed_backends.append(backend)
-        self.failures.append({"backend": backend, "status": status, "reason": reason})
+    @property
+    def decision_id(self) -> str:
+        return self.record.decision_id
+
+    @property
+    def order(self) -> list[str]:
+        """Where the call goes: the choice, then the fallbacks (a pinned call has no fallback)."""
+        return [self.record.chosen] if self.pinned else [self.record.chosen, *self.record.fallbacks]
 
 
-class RoutingEngine:
+@dataclass(frozen=True)
+class StreamError:
+    """A stream failed after its first event: the API ends it with an SSE error event."""
+
+    message: str
+    retryable: bool
+    status: int
+
+
+StreamEvent = dict[str, Any] | StreamError | None  # a chunk, a mid-stream error, or None for the end marker
+
+
+@dataclass(frozen=True)
+class FeedbackResult:
+    decision_id: str
+    kind: str  # reward | preference
+    duplicate: bool
+
+
+class RouterService:
     def __init__(self, config: RouterConfig, embedder: Embedder | None = None) -> None:
         self.config = config
         self.metrics = RouterMetrics()
@@ -115,28 +140,13 @@ class RoutingEngine:
             [backend_spec(b) for b in config.backends],
             breaker=BreakerSettings(breaker.failure_threshold, breaker.open_s, breaker.max_open_s),
         )
-        budget = config.budget
-        self.core = RoutingCore(
-            policies={
-                name: registry.create(name, seed=config.seed, **config.policy_options.get(name, {}))
-                for name in config.policy_names
-            },
-            active=config.default_policy,
-            memory=Memory(self.embedder.dim),
-            pacer=BudgetPacer(
-                target_usd_per_query=budget.target_usd_per_query or None,
-                target_usd_per_hour=budget.target_usd_per_hour or None,
-                cost_weight=budget.cost_weight,
-                step=budget.pacing_step,
-            ),
-            output_lengths=OutputLengthModel(default_tokens=budget.default_output_tokens),
-            neighbours=config.embedder.neighbours,
-        )
+        self.engine = build_engine(config, self.embedder.dim)
         self._embed_batcher = TextBatcher(self.embedder.embed)  # concurrent requests share one encode
         self._background: set[asyncio.Task[Any]] = set()
         self._health_task: asyncio.Task[None] | None = None
         self._learned = (0, 0)  # highest (reward id, preference id) whose learning is in the policies
         self._since_snapshot = 0
+        self._answering: dict[str, asyncio.Future[None]] = {}  # chat decisions whose final write is pending
         self.spend = SpendLedger(config.auth.keys)
         self.predictors = self._predictor_set()
         self._predict_batcher = TextBatcher(self.predictors.predict, name="predict") if self.predictors else None
@@ -147,33 +157,31 @@ class RoutingEngine:
 
     @property
     def policies(self) -> dict[str, Policy]:
-        return self.core.policies
+        return self.engine.policies
 
     @property
     def memory(self) -> Memory:
-        return self.core.memory
+        return self.engine.memory
 
     @property
     def active_policy(self) -> str:
-        return self.core.active
+        return self.engine.active
 
     def set_active_policy(self, name: str) -> None:
-        if name not in self.core.policies:
-            raise BadRequest(f"unknown policy {name!r}; this router runs {sorted(self.core.policies)}")
-        self.core.active = name
+        if name not in self.engine.policies:
+            raise BadRequest(f"unknown policy {name!r}; this router runs {sorted(self.engine.policies)}")
+        self.engine.active = name
 
     # -- start-up -------------------------------------------------------------------------------
 
     def _load_memory(self) -> None:
-        for rows in self.store.memory_rows(self.embedder.name):
-            ids = np.array([r[0] for r in rows], dtype=np.int64)
-            vectors = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
-            self.memory.add(ids, vectors, [r[2] for r in rows])
+        for ids, vectors, entries in self.store.memory_rows(self.embedder.name):
+            self.memory.add(ids, vectors, entries)
         self.metrics.memory_size.set(len(self.memory))
 
     def _predictor_set(self) -> PredictorSet | None:
         """Only when a predictor policy runs: it costs an encoder pass per query."""
-        if not {"forc", "hybrid"} & set(self.config.policy_names):
+        if not set(PREDICTED_POLICIES) & set(self.config.policy_names):
             return None
         predictors = PredictorSet(self.config.predictors.artifacts_dir, [b.name for b in self.config.backends])
         predictors.reload()
@@ -200,7 +208,7 @@ class RoutingEngine:
                 start[name] = (0, 0)
         router_row = snapshots.get(ROUTER_STATE)
         if router_row is not None:
-            self.core.restore(router_row.state)
+            self.engine.restore(router_row.state)
         router_start = (router_row.last_reward_id, router_row.last_preference_id) if router_row else (0, 0)
         first = min([*start.values(), router_start])
         learned = [router_start[0], router_start[1]]
@@ -212,6 +220,7 @@ class RoutingEngine:
                 self._apply(stored.decision, stored.vector, stored.reward, stored.preference, learners, with_router)
             learned[index] = max(learned[index], stored.feedback_id)
         self._learned = (learned[0], learned[1])
+
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -224,7 +233,7 @@ class RoutingEngine:
     async def train(self, trigger: str = "api") -> list[dict[str, Any]]:
         """One predictor training run now (in the worker process), then the hot swap."""
         if self.training is None:
-            raise BadRequest("no predictor policy (forc, hybrid) runs in this router; nothing to train")
+            raise BadRequest(f"no predictor policy ({', '.join(PREDICTED_POLICIES)}) runs in this router; nothing to train")
         return await self.training.run(trigger)
 
     async def _trained(self, runs: list[dict[str, Any]]) -> None:
@@ -276,37 +285,13 @@ class RoutingEngine:
             return None
         return await self._predict_batcher.one(query)
 
-    def _policy_name(self, options: RouterOptions) -> str:
-        name = options.policy or self.active_policy
-        if name not in self.policies:
-            raise BadRequest(f"unknown policy {name!r}; this router runs {sorted(self.policies)}")
-        return name
-
-    def _check_limits(self, request: ChatCompletionRequest) -> None:
-        limits = self.config.limits
-        if len(request.messages) > limits.max_messages:
-            raise BadRequest(f"messages: {len(request.messages)} messages; this router accepts at most {limits.max_messages}")
-        longest = max(len(m.text()) for m in request.messages)
-        if longest > limits.max_message_chars:
-            raise BadRequest(f"messages: a message has {longest} characters; this router accepts at most {limits.max_message_chars}")
-        asked = max(request.max_tokens or 0, request.max_completion_tokens or 0)
-        if asked > limits.max_tokens:
-            raise BadRequest(f"max_tokens: {asked} asked; this router allows at most {limits.max_tokens}")
-
-    def upstream_body(self, request: ChatCompletionRequest) -> dict[str, Any]:
-        """The request as the backend gets it, with the router's output cap when the client set none."""
-        body = request.upstream_body()
-        if request.output_token_limit() is None:
-            body["max_tokens"] = self.config.limits.max_tokens
-        return body
-
-    async def decide(self, request: ChatCompletionRequest, kind: str, caller: Principal | None = None) -> Routed:
+    async def decide(self, request: RoutingRequest, kind: str, tenant: str | None) -> Routed:
+        """Decide and log. The caller's spending limit is read and the worst case reserved in one step
+        of the event loop (after the embedding await), so concurrent requests cannot overshoot it."""
         started = time.perf_counter()
-        self._check_limits(request)
-        tenant = caller.tenant if caller else None
-        remaining = self.spend.remaining(tenant)
-        options = request.router or RouterOptions()
-        policy_name = self._policy_name(options)
+        policy_name = request.policy or self.active_policy
+        if policy_name not in self.policies:
+            raise BadRequest(f"unknown policy {policy_name!r}; this router runs {sorted(self.policies)}")
         pinned = request.model if request.model != "auto" else None
         if pinned is not None and pinned not in self.pool:
             raise NotFound(f"unknown backend {pinned!r}; use \"auto\" or one of {self.pool.names()}")
@@ -314,101 +299,50 @@ class RoutingEngine:
         if not names:
             raise ServiceUnavailable("no backend available: every backend's circuit breaker is open after failures")
 
-        query = request.query_text()
-        vector, predictions = await asyncio.gather(self.embed(query), self._predict(query))
-        prompt_tokens = estimate_tokens(request.prompt_text())
-        cap = options.max_cost_usd if options.max_cost_usd is not None else (self.config.budget.default_max_cost_usd or None)
+        vector, predictions = await asyncio.gather(self.embed(request.query), self._predict(request.query))
+        cap = request.max_cost_usd if request.max_cost_usd is not None else (self.config.budget.default_max_cost_usd or None)
         candidates = [
             Candidate(n, self.pool.state(n).spec.price_per_1m_input_tokens_usd, self.pool.state(n).spec.price_per_1m_output_tokens_usd)
             for n in names
         ]
         decision_id = "dec_" + uuid.uuid4().hex
         memory_id = uuid.uuid4().int >> 65  # 63 bits: a positive int64 id for FAISS
-        try:
-            decided = self.core.decide(
-                decision_id, memory_id, vector, prompt_tokens, candidates, policy=policy_name, pinned=pinned,
-                max_cost_usd=cap, output_limit=request.output_token_limit() or self.config.limits.max_tokens,
-                spend_limit_usd=remaining, predictions=predictions,
-            )
-        except SpendLimitReached as exc:
-            self.spend.check(tenant, exc.cheapest_usd)
-            raise
-        record, choice = decided.record, decided.choice
-        chosen = decided.context.arm(choice.arm)
-        if kind == "route":  # the client calls the backend itself: the predicted cost is what it spends
-            self.spend.settle(tenant, decision_id, chosen.predicted_cost_usd)
-        else:
-            self.spend.reserve(tenant, decision_id, chosen.predicted_cost_usd)
-        decision_ms = (time.perf_counter() - started) * 1000
-        row = Decision(
-            id=decision_id,
-            kind=kind,
-            tenant=tenant,
-            requested_model=request.model,
-            query=query,
-            prompt_tokens_estimate=prompt_tokens,
-            embedding_id=memory_id,
-            policy=record.policy,
-            backend=choice.arm,
-            propensity=choice.propensity,
-            scores=choice.scores,
-            predicted_cost_usd=chosen.predicted_cost_usd,
-            max_cost_usd=cap,
-            over_budget=decided.over_budget,
-            decision_ms=decision_ms,
-            **record.columns(),
+        record = self.engine.decide(
+            decision_id, memory_id, vector, estimate_tokens(request.prompt), candidates, policy=policy_name, pinned=pinned,
+            max_cost_usd=cap, output_limit=request.output_limit, spend_limit=self.spend.limit(tenant), predictions=predictions,
         )
-        embedding = QueryEmbedding(id=memory_id, embedder=self.embedder.name, dim=self.embedder.dim, vector=vector.tobytes())
+        self.spend.reserve(tenant, decision_id, record.worst_case_usd)
+        routed = Routed(record, kind, tenant, pinned is not None)
+        new = NewDecision(record, kind, tenant, request.model, request.query, (time.perf_counter() - started) * 1000, memory_id,
+                          self.embedder.name, vector)
+        if kind == "chat":
+            self._answering[decision_id] = asyncio.get_running_loop().create_future()
         try:
-            await self.writer.submit(lambda session: add_decision(session, row, embedding))
+            await self.writer.submit(lambda session: add_decision(session, new))
         except BaseException:  # not logged, so not remembered either (and not counted against the tenant)
-            self.memory.remove(decision_id)
+            self.engine.forget(decision_id)
             self.spend.settle(tenant, decision_id, 0.0)
+            self._answered(decision_id)
             raise
-        if kind == "route":  # the client calls the backend itself: pace on the predicted cost
-            self.core.pacer.observe(chosen.predicted_cost_usd)
+        if kind == "route":  # the client calls the backend itself: the predicted cost is what it spends
+            self.spend.settle(tenant, decision_id, record.predicted_cost_usd)
+            self.engine.record_outcome(decision_id, record.chosen, record.predicted_cost_usd, None)
         self.metrics.memory_size.set(len(self.memory))
-        self.metrics.decisions.labels(record.policy, choice.arm, kind).inc()
+        self.metrics.decisions.labels(record.policy, record.chosen, kind).inc()
         self.metrics.decision_seconds.observe(time.perf_counter() - started)
-        info = RouterInfo(
-            decision_id=decision_id,
-            backend=choice.arm,
-            policy=record.policy,
-            propensity=choice.propensity,
-            predicted_cost_usd=chosen.predicted_cost_usd,
-            max_cost_usd=cap,
-            over_budget=decided.over_budget,
-            scores=choice.scores,
-        )
-        return Routed(info=info, order=[choice.arm, *decided.fallbacks], pinned=pinned is not None, tenant=tenant)
+        return routed
 
-    async def route(self, request: ChatCompletionRequest, caller: Principal | None = None) -> RouterInfo:
-        return (await self.decide(request, "route", caller)).info
+    async def route(self, request: RoutingRequest, tenant: str | None = None) -> Routed:
+        return await self.decide(request, "route", tenant)
 
     # -- generating -------------------------------------------------------------------------------
 
-    def _on_backend_failure(self, routed: Routed, error: BackendError) -> None:
-        """Count the failure on the decision, in metrics and, unless it was the client's fault, in the breaker."""
+    def _on_backend_error(self, routed: Routed, error: BackendError) -> None:
         self.metrics.requests.labels(error.backend, "error").inc()
-        routed.failed(error.backend, error.status, str(error))
-        if error.retryable:
-            self.pool.record_failure(error.backend, str(error))
-        else:
-            self.pool.record_success(error.backend)  # it answered: the request was at fault, not the backend
-        log.warning("decision %s: %s", routed.info.decision_id, error)
+        log.warning("decision %s: %s", routed.decision_id, error)
 
-    async def _attempts(self, routed: Routed) -> AsyncIterator[str]:
-        """The backends to call, in order, each admitted by its breaker (a pinned one always is).
-
-        The caller must end every attempt it gets with record_success, _on_backend_failure or release.
-        """
-        for backend in routed.order:
-            if routed.pinned or self.pool.acquire(backend):
-                yield backend
-            else:
-                routed.failed(backend, None, "circuit breaker open")
-
-    def _terminal_error(self, routed: Routed, error: BackendError | None) -> Exception:
+    def _terminal_error(self, routed: Routed, exhausted: FailoverExhausted) -> Exception:
+        error = exhausted.last_error
         if error is not None and not error.retryable:
             return UpstreamClientError(str(error), error.status)
         detail = f"; last error: {error}" if error else ""
@@ -416,179 +350,192 @@ class RoutingEngine:
             return GatewayTimeout(f"backend {error.backend} timed out{detail}")
         if routed.pinned:
             return BadGateway(f"backend {routed.order[0]} failed{detail}")
-        reasons = "; ".join(f"{f['backend']}: {f['reason']}" for f in routed.failures)
+        reasons = "; ".join(f"{f.backend}: {f.reason}" for f in routed.failures)
         return ServiceUnavailable(f"every candidate backend failed ({reasons})")
 
-    async def _finish(self, routed: Routed, **fields: Any) -> None:
-        self.spend.settle(routed.tenant, routed.info.decision_id, fields.get("cost_usd") or 0.0)
-        fields["failed_backends"] = list(routed.failures)
-        await self.writer.submit(lambda session: finish_decision(session, routed.info.decision_id, **fields))
+    def _answered(self, decision_id: str) -> None:
+        """The decision's final write is done (or will never come): feedback on it may proceed."""
+        waiting = self._answering.pop(decision_id, None)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
+
+    async def _finish(self, routed: Routed, finish: Finish) -> None:
+        """The final write of a chat decision; the tenant's reservation becomes the real cost."""
+        try:
+            self.spend.settle(routed.tenant, routed.decision_id, finish.cost_usd or 0.0)
+            await self.writer.submit(lambda session: finish_decision(session, routed.decision_id, finish))
+        finally:
+            self._answered(routed.decision_id)
 
     def _record_answer(self, routed: Routed, backend: str, completion_tokens: int, cost_usd: float, latency_ms: float) -> None:
-        routed.info.backend = backend
-        self.core.record_outcome(routed.info.decision_id, backend, cost_usd, completion_tokens)
+        routed.record.backend = backend
+        routed.cost_usd = cost_usd
+        self.engine.record_outcome(routed.decision_id, backend, cost_usd, completion_tokens)
         self.metrics.requests.labels(backend, "ok").inc()
         self.metrics.cost.labels(backend).inc(cost_usd)
         self.metrics.backend_seconds.labels(backend).observe(latency_ms / 1000)
 
-    async def chat(self, request: ChatCompletionRequest, caller: Principal | None = None) -> tuple[dict[str, Any], RouterInfo]:
-        routed = await self.decide(request, "chat", caller)
-        body = self.upstream_body(request)
-        last_error: BackendError | None = None
-        async for backend in self._attempts(routed):
-            try:
-                result = await self.pool.state(backend).client.chat(body)
-            except BackendError as error:
-                last_error = error
-                self._on_backend_failure(routed, error)
-                if error.retryable and not routed.pinned:
-                    continue
-                break
-            except BaseException:
-                self.pool.release(backend)
-                raise
-            self.pool.record_success(backend)
-            routed.info.cost_usd = result.cost_usd
-            self._record_answer(routed, backend, result.completion_tokens, result.cost_usd, result.latency_ms)
-            await self._finish(
-                routed, status="ok", backend=backend, prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens, cost_usd=result.cost_usd, latency_ms=result.latency_ms,
-            )
-            response = result.body
-            response["router"] = routed.info.model_dump(mode="json")
-            return response, routed.info
-        await self._finish(routed, status="error", error=str(last_error))
-        raise self._terminal_error(routed, last_error)
+    def _failures(self, routed: Routed) -> list[dict[str, Any]]:
+        return [{"backend": f.backend, "status": f.status, "reason": f.reason} for f in routed.failures]
 
-    async def chat_stream(self, request: ChatCompletionRequest, caller: Principal | None = None) -> tuple[AsyncIterator[bytes], RouterInfo]:
-        """Open the upstream stream (failing over before the first byte), then relay its SSE events.
+    async def _fail(self, routed: Routed, exhausted: FailoverExhausted) -> Exception:
+        self.engine.record_failure(routed.decision_id)
+        await self._finish(routed, Finish("error", self._failures(routed), error=str(exhausted.last_error)))
+        return self._terminal_error(routed, exhausted)
 
-        The `router` object rides on the first chunk and, with the cost, on the usage chunk at the end.
-        A failure before the first event fails over like a failed open; one in mid-stream reaches the client
-        as an SSE `error` event, never as a hang.
-        """
-        routed = await self.decide(request, "chat", caller)
-        body = self.upstream_body(request)
-        last_error: BackendError | None = None
-        async for backend in self._attempts(routed):
-            events = None
-            try:
-                events, usage = await self.pool.state(backend).client.open_stream(body)
-                opening = await anext(events)  # an error in the first event still gets an HTTP status and failover
-            except BackendError as error:
-                last_error = error
-                self._on_backend_failure(routed, error)
-                if error.retryable and not routed.pinned:
-                    continue
-                break
-            except BaseException:
-                if events is not None:
-                    await events.aclose()
-                self.pool.release(backend)
-                raise
-            self.pool.record_success(backend)
-            routed.info.backend = backend
-            return self._relay(routed, backend, _prepend(opening, events), usage), routed.info
-        await self._finish(routed, status="error", error=str(last_error))
-        raise self._terminal_error(routed, last_error)
-
-    async def _relay(self, routed: Routed, backend: str, events: AsyncIterator[dict[str, Any] | None], usage: Any) -> AsyncIterator[bytes]:
-        first = True
-        error: str | None = None
+    async def chat(self, request: RoutingRequest, tenant: str | None = None) -> tuple[dict[str, Any], Routed]:
+        """A routed completion: the backend's response body (as it sent it) and the decision."""
+        routed = await self.decide(request, "chat", tenant)
         try:
+            backend, result = await self.pool.call_with_failover(
+                routed.order, lambda state: state.client.chat(request.body), pinned=routed.pinned, failures=routed.failures,
+                on_error=lambda error: self._on_backend_error(routed, error),
+            )
+        except FailoverExhausted as exhausted:
+            raise await self._fail(routed, exhausted) from None
+        except BaseException:
+            self.engine.record_failure(routed.decision_id)
+            self._spawn(self._finish(routed, Finish("error", self._failures(routed), error="request cancelled")))
+            raise
+        self._record_answer(routed, backend, result.completion_tokens, result.cost_usd, result.latency_ms)
+        await self._finish(routed, Finish(
+            "ok", self._failures(routed), backend=backend, prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens, cost_usd=result.cost_usd, latency_ms=result.latency_ms,
+        ))
+        return result.body, routed
+
+    async def chat_stream(self, request: RoutingRequest, tenant: str | None = None) -> tuple[AsyncIterator[StreamEvent], Routed]:
+        """Open the upstream stream (failing over before the first event), then relay its events.
+
+        A failure before the first event fails over like a failed open; one in mid-stream ends the
+        relay with a `StreamError`, never a hang.
+        """
+        routed = await self.decide(request, "chat", tenant)
+
+        async def open_stream(state: BackendState) -> tuple[AsyncIterator[dict[str, Any] | None], StreamUsage, dict[str, Any] | None]:
+            events, usage = await state.client.open_stream(request.body)
+            try:
+                first = await anext(events)  # an error in the first event still gets an HTTP status and failover
+            except BaseException:
+                await events.aclose()
+                raise
+            return events, usage, first
+
+        try:
+            backend, (events, usage, first) = await self.pool.call_with_failover(
+                routed.order, open_stream, pinned=routed.pinned, failures=routed.failures,
+                on_error=lambda error: self._on_backend_error(routed, error),
+            )
+        except FailoverExhausted as exhausted:
+            raise await self._fail(routed, exhausted) from None
+        except BaseException:
+            self.engine.record_failure(routed.decision_id)
+            self._spawn(self._finish(routed, Finish("error", self._failures(routed), error="request cancelled")))
+            raise
+        routed.record.backend = backend
+        return self._relay(routed, backend, first, events, usage), routed
+
+    async def _relay(
+        self, routed: Routed, backend: str, first: dict[str, Any] | None, events: AsyncIterator[dict[str, Any] | None], usage: StreamUsage
+    ) -> AsyncIterator[StreamEvent]:
+        error: BackendError | None = None
+        try:
+            yield first
             async with contextlib.aclosing(events) as upstream:  # frees the backend slot if the client leaves
                 async for event in upstream:
-                    if event is None:
-                        yield b"data: [DONE]\n\n"
-                        continue
-                    if event.get("usage"):
-                        routed.info.cost_usd = usage.cost_usd
-                    if first or event.get("usage"):
-                        event["router"] = routed.info.model_dump(mode="json")
-                        first = False
-                    yield b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+                    if event is not None and event.get("usage"):
+                        routed.cost_usd = usage.cost_usd
+                    yield event
         except BackendError as exc:
-            error = str(exc)
-            self._on_backend_failure(routed, exc)
-            kind = "backend_error" if exc.retryable else "upstream_invalid_request"
-            payload = {"error": {"message": error, "type": kind, "code": exc.status if not exc.retryable else 502}}
-            yield b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
+            error = exc
+            routed.failures.append(Failure(backend, exc.status, str(exc)))
+            self.pool.record_error(exc)
+            self._on_backend_error(routed, exc)
+            yield StreamError(str(exc), exc.retryable, exc.status)
         finally:
             if usage.completed and error is None:
                 self._record_answer(routed, backend, usage.completion_tokens, usage.cost_usd, usage.latency_ms)
-                fields = dict(status="ok", prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                              cost_usd=usage.cost_usd, latency_ms=usage.latency_ms)
+                finish = Finish("ok", self._failures(routed), backend=backend, prompt_tokens=usage.prompt_tokens,
+                                completion_tokens=usage.completion_tokens, cost_usd=usage.cost_usd, latency_ms=usage.latency_ms)
             else:
-                fields = dict(status="error", error=error or "stream ended early (client gone or backend closed)",
-                              cost_usd=usage.cost_usd or None, latency_ms=usage.latency_ms)
-            self._spawn(self._finish(routed, backend=backend, **fields))
+                self.engine.record_failure(routed.decision_id)
+                finish = Finish("error", self._failures(routed), backend=backend,
+                                error=str(error) if error else "stream ended early (client gone or backend closed)",
+                                cost_usd=usage.cost_usd or None, latency_ms=usage.latency_ms)
+            self._spawn(self._finish(routed, finish))
 
     # -- feedback ---------------------------------------------------------------------------------
 
     def _apply(
         self,
-        decision: Decision,
+        decision: StoredDecision,
         vector: np.ndarray,
         reward: float | None,
         preference: tuple[str, str] | None,
         learners: set[str] | None = None,
         with_router: bool = True,
     ) -> None:
-        """Teach the core (all policies, or only `learners`) one logged reward or preference."""
-        record = DecisionRecord.from_columns(
-            decision.id, decision.policy, decision.backend, decision.propensity, decision.prompt_tokens_estimate,
-            {"candidates": decision.candidates, "neighbours": decision.neighbours, "cost_weight": decision.cost_weight,
-             "cost_scale": decision.cost_scale, "shadow": decision.shadow},
-        )
+        """Teach the engine (all policies, or only `learners`) one logged reward or preference."""
         if preference is not None:
-            self.core.learn_preference(record, vector, *preference, learners=learners)
+            self.engine.learn_preference(decision.record, vector, *preference, learners=learners)
             return
-        cost = decision.cost_usd if decision.cost_usd is not None else (decision.predicted_cost_usd or 0.0)
-        self.core.learn(record, vector, reward, cost, decision.latency_ms or 0.0, learners=learners, with_router=with_router)
+        assert reward is not None
+        self.engine.learn(decision.record, vector, reward, decision.cost_for_learning, decision.latency_ms or 0.0,
+                          learners=learners, with_router=with_router)
 
-    async def feedback(self, request: RewardRequest, caller: Principal | None = None) -> RewardResponse:
-        """Record a reward or preference durably; every policy learns from it right after the commit.
+    async def _wait_until_answered(self, decision_id: str) -> None:
+        """Feedback on a decision still being answered (a stream in progress) waits for its final write,
+        so learning always sees the backend that answered and the real cost."""
+        waiting = self._answering.get(decision_id)
+        if waiting is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(waiting), FEEDBACK_WAIT_S)
+        except TimeoutError:
+            raise Conflict(f"decision {decision_id} is still being answered; post feedback once the answer is complete") from None
+
+    async def feedback(
+        self, decision_id: str, tenant: str | None, reward: float | None = None, preference: tuple[str, str] | None = None
+    ) -> FeedbackResult:
+        """Record a reward or a preference durably; every policy learns from it right after the commit.
 
         Only the key that made the decision may give feedback on it.
         """
-        tenant = caller.tenant if caller else None
-        pair = None if request.reward is not None else (request.winner, request.loser)
-        if pair is not None:
-            unknown = [b for b in pair if b not in self.pool]
+        if preference is not None:
+            unknown = [b for b in preference if b not in self.pool]
             if unknown:
                 raise BadRequest(f"unknown backends {unknown} in preference; known: {self.pool.names()}")
+        await self._wait_until_answered(decision_id)
 
-        def write(session: Any) -> tuple[Decision, np.ndarray | None, int, bool]:
-            decision, vector = load_decision(session, request.decision_id)
-            if caller is not None and decision.tenant != tenant:
-                raise Forbidden(f"decision {decision.id} was made by another key; only that key may give feedback on it")
+        def write(session: Any) -> tuple[StoredDecision, np.ndarray | None, int, bool]:
+            decision, vector = load_decision(session, decision_id)
+            if decision.tenant != tenant:
+                raise Forbidden(f"decision {decision_id} was made by another key; only that key may give feedback on it")
             if decision.status == "error":
-                raise Conflict(f"decision {decision.id} produced no answer ({decision.error}); nothing to reward")
-            if pair is not None:
-                return (decision, vector, *add_preference(session, decision.id, *pair))
-            return (decision, vector, *add_reward(session, decision.id, request.reward))
+                raise Conflict(f"decision {decision_id} produced no answer ({decision.error}); nothing to reward")
+            if preference is not None:
+                return (decision, vector, *add_preference(session, decision_id, *preference))
+            assert reward is not None
+            return (decision, vector, *add_reward(session, decision_id, reward))
 
-        def learn(written: tuple[Decision, np.ndarray | None, int, bool]) -> None:
+        def learn(written: tuple[StoredDecision, np.ndarray | None, int, bool]) -> None:
             decision, vector, feedback_id, duplicate = written
             if duplicate:
                 return
             if vector is not None:
-                try:
-                    self._apply(decision, vector, request.reward, pair)
-                except PolicyError as exc:  # stored already; a policy that cannot use it must not fail the call
-                    log.warning("decision %s: policy could not learn: %s", decision.id, exc)
+                self._apply(decision, vector, reward, preference)
             rewards, preferences = self._learned
-            self._learned = (max(rewards, feedback_id), preferences) if pair is None else (rewards, max(preferences, feedback_id))
+            self._learned = (max(rewards, feedback_id), preferences) if preference is None else (rewards, max(preferences, feedback_id))
             self._since_snapshot += 1
 
-        decision, _, _, duplicate = await self.writer.submit(write, learn)
-        kind = "reward" if pair is None else "preference"
+        _, _, _, duplicate = await self.writer.submit(write, learn)
+        kind = "reward" if preference is None else "preference"
         if not duplicate:
             self.metrics.rewards.labels(kind).inc()
             if self._since_snapshot >= self.config.snapshot_every:
                 self._since_snapshot = 0
                 self._spawn(self.save_snapshot())
-        return RewardResponse(decision_id=decision.id, kind=kind, duplicate=duplicate)
+        return FeedbackResult(decision_id, kind, duplicate)
 
     async def save_snapshot(self) -> None:
         """Every policy's and the router's state, marked with the last feedback they include.
@@ -596,7 +543,7 @@ class RoutingEngine:
         Taken in one step of the event loop, where learning also happens, so it is consistent.
         """
         states = {name: policy.snapshot() for name, policy in self.policies.items()}
-        states[ROUTER_STATE] = self.core.snapshot()
+        states[ROUTER_STATE] = self.engine.snapshot()
         learned = self._learned
         await self.writer.submit(lambda session: write_snapshot(session, states, *learned))
 
@@ -613,9 +560,10 @@ class RoutingEngine:
 
     async def stats(self) -> dict[str, Any]:
         summary = await asyncio.to_thread(self.store.summary)
-        core = self.core.stats()
+        engine = self.engine.stats()
         policies = {
-            name: {**policy.stats(), "decisions": summary["policies"].get(name, {}), "shadow": core["shadow"][name]}
+            name: {**policy.stats(), "decisions": summary["policies"].get(name, {}), "shadow": engine["shadow"][name],
+                   "learn_errors": engine["learn_errors"][name]}
             for name, policy in self.policies.items()
         }
         return {
@@ -623,8 +571,8 @@ class RoutingEngine:
             "policies": policies,
             "pinned": summary["policies"].get(PINNED, {}),
             "backends": summary["backends"],
-            "budget": core["budget"],
-            "expected_output_tokens": core["expected_output_tokens"],
+            "budget": engine["budget"],
+            "expected_output_tokens": engine["expected_output_tokens"],
             "memory_queries": len(self.memory),
             "tenant_spend": self.spend.describe(),
             "predictors": await self._predictor_stats(),

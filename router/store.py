@@ -1,6 +1,9 @@
 """Durable writes and reads of decisions, embeddings and feedback (blocking; call from a worker thread).
 
-Every write commits before it returns, so whatever the API acknowledges is on disk.
+The store owns the rows: decisions go in as the engine's `DecisionRecord` (with what the service knows
+of the request) and come out as `StoredDecision`, so no other module builds or reads ORM objects, and
+vectors are decoded in one place. Every write commits before it returns, so whatever the API
+acknowledges is on disk.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,9 +21,58 @@ import numpy as np
 from sqlalchemy import Engine, delete, func, select
 from sqlmodel import Session
 
+from router.engine import DecisionRecord
 from router.errors import Conflict, NotFound
 from router.memory import MemoryEntry
-from router.tables import Decision, PolicySnapshot, Preference, QueryEmbedding, Reward
+from router.tables import DecisionRow, PolicySnapshot, Preference, QueryEmbedding, Reward
+
+log = logging.getLogger("llm_router")
+
+
+@dataclass(frozen=True, slots=True)
+class NewDecision:
+    """A decision to log: the engine's record and what the service knows of the request."""
+
+    record: DecisionRecord
+    kind: str  # chat | route
+    tenant: str | None
+    requested_model: str
+    query: str
+    decision_ms: float
+    memory_id: int  # the query's id in the FAISS memory and in query_embeddings
+    embedder: str
+    vector: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """How a chat decision ended: answered (`ok`, by `backend`) or not (`error`)."""
+
+    status: str
+    failed_backends: list[dict[str, Any]]
+    backend: str | None = None
+    error: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost_usd: float | None = None
+    latency_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDecision:
+    """A logged decision as the service learns from it."""
+
+    record: DecisionRecord
+    tenant: str | None
+    status: str  # routed | ok | error
+    error: str | None
+    cost_usd: float | None
+    latency_ms: float | None
+
+    @property
+    def cost_for_learning(self) -> float:
+        """The real cost where the answer came back, else the predicted one (a routed-only decision)."""
+        return self.cost_usd if self.cost_usd is not None else self.record.predicted_cost_usd
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,38 +81,56 @@ class StoredFeedback:
 
     feedback_id: int
     created_at: datetime
-    decision: Decision
+    decision: StoredDecision
     vector: np.ndarray | None
     reward: float | None = None
     preference: tuple[str, str] | None = None
 
 
-def add_decision(session: Session, decision: Decision, embedding: QueryEmbedding | None) -> None:
-    if embedding is not None:
-        session.add(embedding)
-        session.flush()
-    session.add(decision)
+def _stored(row: DecisionRow) -> StoredDecision:
+    record = DecisionRecord.from_columns(
+        row.id, row.policy, row.chosen_backend or row.backend, row.backend if row.status == "ok" else None, row.propensity,
+        row.prompt_tokens_estimate,
+        {"candidates": row.candidates, "neighbours": row.neighbours, "cost_weight": row.cost_weight, "cost_scale": row.cost_scale,
+         "shadow": row.shadow},
+    )
+    return StoredDecision(record, row.tenant, row.status, row.error, row.cost_usd, row.latency_ms)
+
+
+def add_decision(session: Session, new: NewDecision) -> None:
+    record = new.record
+    session.add(QueryEmbedding(id=new.memory_id, embedder=new.embedder, dim=len(new.vector), vector=new.vector.astype(np.float32).tobytes()))
+    session.flush()
+    session.add(DecisionRow(
+        id=record.decision_id, kind=new.kind, tenant=new.tenant, requested_model=new.requested_model, query=new.query,
+        prompt_tokens_estimate=record.prompt_tokens, embedding_id=new.memory_id, policy=record.policy,
+        backend=record.chosen, chosen_backend=record.chosen, propensity=record.propensity, scores=record.scores,
+        predicted_cost_usd=record.predicted_cost_usd, max_cost_usd=record.max_cost_usd, over_budget=record.over_budget,
+        decision_ms=new.decision_ms, **record.columns(),
+    ))
     session.flush()
 
 
-def finish_decision(session: Session, decision_id: str, **fields: Any) -> None:
-    decision = session.get(Decision, decision_id)
-    if decision is None:
+def finish_decision(session: Session, decision_id: str, finish: Finish) -> None:
+    row = session.get(DecisionRow, decision_id)
+    if row is None:
         raise NotFound(f"unknown decision_id {decision_id!r}")
-    for name, value in fields.items():
-        setattr(decision, name, value)
+    for name in finish.__slots__:
+        value = getattr(finish, name)
+        if value is not None or name != "backend":
+            setattr(row, name, value)
     session.flush()
 
 
-def load_decision(session: Session, decision_id: str) -> tuple[Decision, np.ndarray | None]:
+def load_decision(session: Session, decision_id: str) -> tuple[StoredDecision, np.ndarray | None]:
     row = session.execute(
-        select(Decision, QueryEmbedding.vector)
-        .outerjoin(QueryEmbedding, QueryEmbedding.id == Decision.embedding_id)
-        .where(Decision.id == decision_id)
+        select(DecisionRow, QueryEmbedding.vector)
+        .outerjoin(QueryEmbedding, QueryEmbedding.id == DecisionRow.embedding_id)
+        .where(DecisionRow.id == decision_id)
     ).first()
     if row is None:
         raise NotFound(f"unknown decision_id {decision_id!r}")
-    return row[0], _vector(row[1])
+    return _stored(row[0]), _vector(row[1])
 
 
 def add_reward(session: Session, decision_id: str, reward: float) -> tuple[int, bool]:
@@ -142,12 +213,17 @@ class GroupWriter:
                 outcomes = await asyncio.to_thread(self._commit, jobs)
             except Exception as exc:  # the commit itself failed: nobody in it is acknowledged
                 for job in jobs:
-                    job.future.set_exception(exc)
+                    if not job.future.done():
+                        job.future.set_exception(exc)
                 continue
             for job, (ok, value) in zip(jobs, outcomes):
                 if ok and job.after is not None:
-                    job.after(value)
-                (job.future.set_result if ok else job.future.set_exception)(value)
+                    try:
+                        job.after(value)
+                    except Exception:  # committed all the same: the caller is answered, the writer goes on
+                        log.exception("after-commit callback failed")
+                if not job.future.done():
+                    (job.future.set_result if ok else job.future.set_exception)(value)
 
     def _commit(self, jobs: list[_Job]) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
@@ -179,50 +255,53 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def memory_rows(self, embedder: str, batch: int = 5000) -> Iterator[list[tuple[int, bytes, MemoryEntry]]]:
-        """(memory id, vector, entry) of every stored query, in batches."""
+    def memory_rows(self, embedder: str, batch: int = 5000) -> Iterator[tuple[np.ndarray, np.ndarray, list[MemoryEntry]]]:
+        """(memory ids, vectors, entries) of every stored query, in batches."""
         query = (
             select(
-                QueryEmbedding.id, QueryEmbedding.vector, Decision.id, Decision.backend, Reward.reward,
-                Preference.winner, Preference.loser, Decision.completion_tokens,
+                QueryEmbedding.id, QueryEmbedding.vector, DecisionRow.id, DecisionRow.backend, Reward.reward,
+                Preference.winner, Preference.loser, DecisionRow.completion_tokens,
             )
-            .join(Decision, Decision.embedding_id == QueryEmbedding.id)
-            .outerjoin(Reward, Reward.decision_id == Decision.id)
-            .outerjoin(Preference, Preference.decision_id == Decision.id)
+            .join(DecisionRow, DecisionRow.embedding_id == QueryEmbedding.id)
+            .outerjoin(Reward, Reward.decision_id == DecisionRow.id)
+            .outerjoin(Preference, Preference.decision_id == DecisionRow.id)
             .where(QueryEmbedding.embedder == embedder)
             .order_by(QueryEmbedding.id)
         )
         with self.engine.connect() as connection:
             result = connection.execution_options(yield_per=batch).execute(query)
             for partition in result.partitions(batch):
-                yield [
-                    (memory_id, vector, MemoryEntry(decision_id, backend, reward, (winner, loser) if winner else None, tokens))
-                    for memory_id, vector, decision_id, backend, reward, winner, loser, tokens in partition
+                ids = np.array([row[0] for row in partition], dtype=np.int64)
+                vectors = np.stack([_vector(row[1]) for row in partition])
+                entries = [
+                    MemoryEntry(decision_id, backend, reward, (winner, loser) if winner else None, tokens)
+                    for _, _, decision_id, backend, reward, winner, loser, tokens in partition
                 ]
+                yield ids, vectors, entries
 
     def feedback_since(self, after_reward_id: int = 0, after_preference_id: int = 0) -> Iterator[StoredFeedback]:
         """Rewards and preferences after the given ids, in the order they were acknowledged."""
         rewards = (
-            select(Reward.id, Reward.created_at, Reward.reward, Decision, QueryEmbedding.vector)
-            .join(Decision, Decision.id == Reward.decision_id)
-            .outerjoin(QueryEmbedding, QueryEmbedding.id == Decision.embedding_id)
+            select(Reward.id, Reward.created_at, Reward.reward, DecisionRow, QueryEmbedding.vector)
+            .join(DecisionRow, DecisionRow.id == Reward.decision_id)
+            .outerjoin(QueryEmbedding, QueryEmbedding.id == DecisionRow.embedding_id)
             .where(Reward.id > after_reward_id)
             .order_by(Reward.id)
         )
         preferences = (
-            select(Preference.id, Preference.created_at, Preference.winner, Preference.loser, Decision, QueryEmbedding.vector)
-            .join(Decision, Decision.id == Preference.decision_id)
-            .outerjoin(QueryEmbedding, QueryEmbedding.id == Decision.embedding_id)
+            select(Preference.id, Preference.created_at, Preference.winner, Preference.loser, DecisionRow, QueryEmbedding.vector)
+            .join(DecisionRow, DecisionRow.id == Preference.decision_id)
+            .outerjoin(QueryEmbedding, QueryEmbedding.id == DecisionRow.embedding_id)
             .where(Preference.id > after_preference_id)
             .order_by(Preference.id)
         )
         with Session(self.engine) as session:
             scalar = (
-                StoredFeedback(int(i), created, d, _vector(v), reward=float(r))
+                StoredFeedback(int(i), created, _stored(d), _vector(v), reward=float(r))
                 for i, created, r, d, v in session.execute(rewards).yield_per(1000)
             )
             pairwise = (
-                StoredFeedback(int(i), created, d, _vector(v), preference=(w, loser))
+                StoredFeedback(int(i), created, _stored(d), _vector(v), preference=(w, loser))
                 for i, created, w, loser, d, v in session.execute(preferences).all()
             )
             yield from heapq.merge(scalar, pairwise, key=lambda f: (f.created_at, f.preference is not None, f.feedback_id))
@@ -231,8 +310,8 @@ class Store:
         """What a tenant's decisions since `since` cost: the real cost where known, else the predicted one."""
         with Session(self.engine) as session:
             total = session.execute(
-                select(func.sum(func.coalesce(Decision.cost_usd, Decision.predicted_cost_usd, 0.0)))
-                .where(Decision.tenant == tenant, Decision.created_at >= since, Decision.status != "error")
+                select(func.sum(func.coalesce(DecisionRow.cost_usd, DecisionRow.predicted_cost_usd, 0.0)))
+                .where(DecisionRow.tenant == tenant, DecisionRow.created_at >= since, DecisionRow.status != "error")
             ).scalar()
         return float(total or 0.0)
 
@@ -252,23 +331,23 @@ class Store:
         with Session(self.engine) as session:
             decisions = session.execute(
                 select(
-                    Decision.policy,
-                    Decision.backend,
+                    DecisionRow.policy,
+                    DecisionRow.backend,
                     func.count(),
-                    func.count().filter(Decision.status == "ok"),
-                    func.count().filter(Decision.status == "error"),
-                    func.coalesce(func.sum(Decision.cost_usd), 0.0),
-                    func.count(Decision.cost_usd),
-                    func.coalesce(func.sum(Decision.latency_ms), 0.0),
-                    func.count(Decision.latency_ms),
-                ).group_by(Decision.policy, Decision.backend)
+                    func.count().filter(DecisionRow.status == "ok"),
+                    func.count().filter(DecisionRow.status == "error"),
+                    func.coalesce(func.sum(DecisionRow.cost_usd), 0.0),
+                    func.count(DecisionRow.cost_usd),
+                    func.coalesce(func.sum(DecisionRow.latency_ms), 0.0),
+                    func.count(DecisionRow.latency_ms),
+                ).group_by(DecisionRow.policy, DecisionRow.backend)
             ).all()
             rewards = {
                 (policy, backend): (count, total)
                 for policy, backend, count, total in session.execute(
-                    select(Decision.policy, Decision.backend, func.count(Reward.id), func.sum(Reward.reward))
-                    .join(Reward, Reward.decision_id == Decision.id)
-                    .group_by(Decision.policy, Decision.backend)
+                    select(DecisionRow.policy, DecisionRow.backend, func.count(Reward.id), func.sum(Reward.reward))
+                    .join(Reward, Reward.decision_id == DecisionRow.id)
+                    .group_by(DecisionRow.policy, DecisionRow.backend)
                 ).all()
             }
         by_backend: dict[str, _Tally] = {}

@@ -24,7 +24,10 @@ class QueryEmbedding(SQLModel, table=True):
     vector: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 
-class Decision(SQLModel, table=True):
+class DecisionRow(SQLModel, table=True):
+    """A logged decision. `chosen_backend` is the policy's pick (its probability is `propensity`);
+    `backend` is the backend that answered, another one after a failover."""
+
     __tablename__ = "decisions"
 
     id: str = Field(primary_key=True, max_length=64)
@@ -37,6 +40,7 @@ class Decision(SQLModel, table=True):
     embedding_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     policy: str = Field(max_length=64, index=True)
     backend: str = Field(max_length=64, index=True)
+    chosen_backend: str | None = Field(default=None, max_length=64)
     propensity: float
     scores: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     candidates: list[Any] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))

@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlmodel import Session, select
 
+from policies import PREDICTED_POLICIES
 from router.config import RouterConfig
 from router.db import create_db_engine
 from router.history import training_outcomes
@@ -28,7 +29,7 @@ from router.tables import TrainingRun
 
 log = logging.getLogger("llm_router")
 
-KINDS = ("forc", "hybrid")
+KINDS = PREDICTED_POLICIES  # one predictor kind per predictor policy
 
 
 def train_settings(config: RouterConfig) -> TrainSettings:

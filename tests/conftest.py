@@ -123,14 +123,14 @@ class RouterServer:
     def __init__(self, config_path: Path, embedder: Any) -> None:
         import uvicorn
 
-        from router.app import create_app
+        from router.api import create_app
         from router.config import load_config
-        from router.engine import RoutingEngine
+        from router.service import RouterService
 
-        self.engine = RoutingEngine(load_config(config_path), embedder=embedder)
+        self.service = RouterService(load_config(config_path), embedder=embedder)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(self.engine), host="127.0.0.1", port=self.port, log_level="warning")
+        config = uvicorn.Config(create_app(self.service), host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -160,3 +160,20 @@ def start_router(embedder):
     yield start
     for server in reversed(servers):
         server.__exit__()
+
+
+def chat_request(text: str, **extra: Any) -> Any:
+    """A one-message chat request as the service takes it (built by the API's own translation)."""
+    from router.api.limits import routing_request
+    from router.api.protocol import ChatCompletionRequest
+    from router.config import LimitsConfig
+
+    body = ChatCompletionRequest.model_validate({"model": "auto", "messages": [{"role": "user", "content": text}], **extra})
+    return routing_request(body, LimitsConfig())
+
+
+async def route(service: Any, request: Any, tenant: str | None = None) -> Any:
+    """`POST /v1/route` without HTTP: the decision's `router` object."""
+    from router.api.responses import router_info
+
+    return router_info(await service.route(request, tenant))

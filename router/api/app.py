@@ -1,4 +1,4 @@
-"""HTTP API (litestar): thin handlers over the routing engine; every error is one JSON error model."""
+"""HTTP API (litestar): thin handlers over the routing service; every error is one JSON error model."""
 
 from __future__ import annotations
 
@@ -19,10 +19,9 @@ from litestar.params import JSONBody
 from litestar.response import Stream
 from litestar.status_codes import HTTP_200_OK, HTTP_500_INTERNAL_SERVER_ERROR
 
-from router.auth import Authenticator, Principal
-from router.engine import RoutingEngine
-from router.errors import RouterError
-from router.protocol import (
+from router.api.auth import Authenticator, Principal
+from router.api.limits import routing_request
+from router.api.protocol import (
     ActivePolicyRequest,
     ActivePolicyResponse,
     ChatCompletionRequest,
@@ -32,6 +31,9 @@ from router.protocol import (
     RewardResponse,
     RouteResponse,
 )
+from router.api.responses import router_info, sse
+from router.errors import RouterError
+from router.service import RouterService
 
 log = logging.getLogger("llm_router")
 
@@ -89,21 +91,24 @@ async def provide_caller(request: Request[Any, Any, Any]) -> Principal:
 
 @post("/v1/chat/completions", status_code=HTTP_200_OK, summary="OpenAI chat completion, routed", guards=[client_guard])
 async def chat_completions(
-    data: JSONBody[ChatCompletionRequest], engine: NamedDependency[RoutingEngine], caller: NamedDependency[Principal]
+    data: JSONBody[ChatCompletionRequest], service: NamedDependency[RouterService], caller: NamedDependency[Principal]
 ) -> Response[Any]:
+    request = routing_request(data, service.config.limits)
     if data.stream:
-        events, info = await engine.chat_stream(data, caller)
-        return Stream(events, media_type="text/event-stream", headers={DECISION_HEADER: info.decision_id, "Cache-Control": "no-cache"})
-    body, info = await engine.chat(data, caller)
-    return Response(body, headers={DECISION_HEADER: info.decision_id})
+        events, routed = await service.chat_stream(request, caller.tenant)
+        headers = {DECISION_HEADER: routed.decision_id, "Cache-Control": "no-cache"}
+        return Stream(sse(events, routed), media_type="text/event-stream", headers=headers)
+    body, routed = await service.chat(request, caller.tenant)
+    body["router"] = router_info(routed).model_dump(mode="json")
+    return Response(body, headers={DECISION_HEADER: routed.decision_id})
 
 
 @post("/v1/route", status_code=HTTP_200_OK, summary="The routing decision alone, no generation", guards=[client_guard])
 async def route(
-    data: JSONBody[ChatCompletionRequest], engine: NamedDependency[RoutingEngine], caller: NamedDependency[Principal]
+    data: JSONBody[ChatCompletionRequest], service: NamedDependency[RouterService], caller: NamedDependency[Principal]
 ) -> Response[RouteResponse]:
-    info = await engine.route(data, caller)
-    return Response(RouteResponse(router=info), headers={DECISION_HEADER: info.decision_id})
+    routed = await service.route(routing_request(data, service.config.limits), caller.tenant)
+    return Response(RouteResponse(router=router_info(routed)), headers={DECISION_HEADER: routed.decision_id})
 
 
 @post(
@@ -111,73 +116,75 @@ async def route(
     guards=[client_guard],
 )
 async def rewards(
-    data: JSONBody[RewardRequest], engine: NamedDependency[RoutingEngine], caller: NamedDependency[Principal]
+    data: JSONBody[RewardRequest], service: NamedDependency[RouterService], caller: NamedDependency[Principal]
 ) -> RewardResponse:
-    return await engine.feedback(data, caller)
+    preference = (data.winner, data.loser) if data.reward is None else None
+    result = await service.feedback(data.decision_id, caller.tenant, data.reward, preference)  # type: ignore[arg-type]
+    return RewardResponse(decision_id=result.decision_id, kind=result.kind, duplicate=result.duplicate)  # type: ignore[arg-type]
 
 
 @get("/v1/policies/stats", summary="Per-policy and per-backend statistics", guards=[admin_guard])
-async def policy_stats(engine: NamedDependency[RoutingEngine]) -> dict[str, Any]:
-    return await engine.stats()
+async def policy_stats(service: NamedDependency[RouterService]) -> dict[str, Any]:
+    return await service.stats()
 
 
 @put(
     "/v1/policies/active", status_code=HTTP_200_OK, summary="Switch the policy that routes `auto` requests",
     guards=[admin_guard],
 )
-async def set_active_policy(data: JSONBody[ActivePolicyRequest], engine: NamedDependency[RoutingEngine]) -> ActivePolicyResponse:
-    engine.set_active_policy(data.policy)
-    return ActivePolicyResponse(active_policy=engine.active_policy)
+async def set_active_policy(data: JSONBody[ActivePolicyRequest], service: NamedDependency[RouterService]) -> ActivePolicyResponse:
+    service.set_active_policy(data.policy)
+    return ActivePolicyResponse(active_policy=service.active_policy)
 
 
 @get("/v1/backends", summary="Backends, their health and vLLM queue depth", guards=[admin_guard])
-async def backends(engine: NamedDependency[RoutingEngine]) -> dict[str, Any]:
-    return {"backends": engine.pool.describe()}
+async def backends(service: NamedDependency[RouterService]) -> dict[str, Any]:
+    return {"backends": service.pool.describe()}
 
 
 @get("/v1/config", summary="The configuration in effect (key hashes left out)", guards=[admin_guard])
-async def config(engine: NamedDependency[RoutingEngine]) -> dict[str, Any]:
-    return engine.config.model_dump(mode="json", exclude={"auth": {"keys": {"__all__": {"key_sha256"}}}})
+async def config(service: NamedDependency[RouterService]) -> dict[str, Any]:
+    return service.config.model_dump(mode="json", exclude={"auth": {"keys": {"__all__": {"key_sha256"}}}})
 
 
 @post("/v1/predictors/train", status_code=HTTP_200_OK, summary="Retrain the predictors now (admin)", guards=[admin_guard])
-async def train_predictors(engine: NamedDependency[RoutingEngine]) -> dict[str, Any]:
-    return {"runs": await engine.train("api")}
+async def train_predictors(service: NamedDependency[RouterService]) -> dict[str, Any]:
+    return {"runs": await service.train("api")}
 
 
 @get("/health", summary="Liveness and backend availability")
-async def health(engine: NamedDependency[RoutingEngine]) -> dict[str, Any]:
-    up = [s.spec.name for s in engine.pool.eligible()]
-    return {"status": "ok" if up else "degraded", "backends_up": up, "active_policy": engine.active_policy}
+async def health(service: NamedDependency[RouterService]) -> dict[str, Any]:
+    up = [s.spec.name for s in service.pool.eligible()]
+    return {"status": "ok" if up else "degraded", "backends_up": up, "active_policy": service.active_policy}
 
 
 @get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4", guards=[admin_guard])
-async def metrics(engine: NamedDependency[RoutingEngine]) -> bytes:
-    return engine.metrics.render()
+async def metrics(service: NamedDependency[RouterService]) -> bytes:
+    return service.metrics.render()
 
 
-def create_app(engine: RoutingEngine, authenticator: Authenticator | None = None) -> Litestar:
+def create_app(service: RouterService, authenticator: Authenticator | None = None) -> Litestar:
     """`authenticator` defaults to the config's keys, for a server on the config's address."""
-    authenticator = authenticator or Authenticator(engine.config.auth, engine.config.server.host, os.environ)
+    authenticator = authenticator or Authenticator(service.config.auth, service.config.server.host, os.environ)
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
-        await engine.start()
+        await service.start()
         try:
             yield
         finally:
-            await engine.close()
+            await service.close()
 
-    async def provide_engine() -> RoutingEngine:
-        return engine
+    async def provide_service() -> RouterService:
+        return service
 
     return Litestar(
         route_handlers=[
             chat_completions, route, rewards, policy_stats, set_active_policy, backends, config, train_predictors, health, metrics,
         ],
-        dependencies={"engine": provide_engine, "caller": provide_caller},
+        dependencies={"service": provide_service, "caller": provide_caller},
         state=State({"authenticator": authenticator}),
-        request_max_body_size=engine.config.limits.max_body_bytes,
+        request_max_body_size=service.config.limits.max_body_bytes,
         lifespan=[lifespan],
         exception_handlers={
             RouterError: _router_error,

@@ -64,15 +64,15 @@ class ChatCompletionRequest(BaseModel):
     def output_token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def upstream_body(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"router"}, exclude_none=True)
-
 
 class RouterInfo(BaseModel):
+    """The response's `router` object: the decision as the client sees it."""
+
     decision_id: str
-    backend: str
+    backend: str = Field(description="The backend that answered (or, on /v1/route, the one chosen).")
+    chosen_backend: str = Field(description="The policy's choice; differs from `backend` after a failover.")
     policy: str
-    propensity: float
+    propensity: float = Field(description="The policy's probability of `chosen_backend`.")
     cost_usd: float | None = None
     predicted_cost_usd: float
     max_cost_usd: float | None = None

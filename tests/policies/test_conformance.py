@@ -12,7 +12,7 @@ from router.memory import Memory, MemoryEntry
 
 NON_LEARNING = {"random", "fixed"}
 LEARNING = [n for n in registry.names() if n not in NON_LEARNING]
-CONTEXTUAL = [n for n in LEARNING if registry.classes[n].contextual]
+CONTEXTUAL = [n for n in LEARNING if registry.get(n).contextual]
 TWO_KINDS = Path(__file__).parent.parent / "data" / "two_kinds.jsonl"
 
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from sqlmodel import Session, select
 
-from router.tables import Decision
+from router.tables import DecisionRow
 from tests.conftest import backend_table, write_config
 from tests.fake_backend import FakeVLLM
 
@@ -44,10 +44,10 @@ def test_one_of_two_backends_hung_costs_one_timeout_then_the_breaker_opens(tmp_p
     assert all(info["backend"] == "smol-a" for info in infos)
     assert sum("broken" in info["failed_backends"] for info in infos) >= 1
     assert fake.chats == 1  # one request paid the timeout; after it the breaker kept traffic away
-    stats = router.engine.pool.state("broken").breaker.describe()
+    stats = router.service.pool.state("broken").breaker.describe()
     assert stats["state"] == "open" and stats["failures_by_kind"] == {"timeout": 1}
-    with Session(router.engine.db) as session:
-        failed = [d.failed_backends for d in session.exec(select(Decision)).all() if d.failed_backends]
+    with Session(router.service.db) as session:
+        failed = [d.failed_backends for d in session.exec(select(DecisionRow)).all() if d.failed_backends]
     reasons = [f["reason"] for row in failed for f in row]
     assert any("timed out" in r or "timeout" in r.lower() for r in reasons), reasons
     assert all(r == "circuit breaker open" for r in reasons[1:]) or len(reasons) == 1
@@ -57,15 +57,15 @@ def test_half_open_probe_brings_a_recovered_backend_back(tmp_path, sqlite_url, v
     router = start_router(_config(tmp_path, sqlite_url, vllm_backends["smol-a"], fake.port, "open_s = 0.5\nmax_open_s = 1"))
     fake.chat_status = 500
     assert httpx.post(f"{router.url}/v1/chat/completions", json=_chat(model="broken"), timeout=60).status_code == 502
-    assert router.engine.pool.state("broken").breaker.state == "open"
+    assert router.service.pool.state("broken").breaker.state == "open"
     fake.chat_status = 200
     time.sleep(0.6)
-    assert router.engine.pool.state("broken").breaker.state == "half_open"
+    assert router.service.pool.state("broken").breaker.state == "half_open"
     for _ in range(20):  # the random policy reaches the probe soon
         info = httpx.post(f"{router.url}/v1/chat/completions", json=_chat(), timeout=60).json()["router"]
         if info["backend"] == "broken":
             break
-    assert info["backend"] == "broken" and router.engine.pool.state("broken").breaker.state == "closed"
+    assert info["backend"] == "broken" and router.service.pool.state("broken").breaker.state == "closed"
 
 
 def test_a_stream_cut_midway_ends_with_an_sse_error_event(tmp_path, sqlite_url, vllm_backends, start_router, fake):
@@ -83,8 +83,8 @@ def test_a_stream_cut_midway_ends_with_an_sse_error_event(tmp_path, sqlite_url, 
     assert "data: [DONE]" not in text
     decision_id = response.headers["X-Router-Decision-Id"]
     for _ in range(50):  # the decision is finished in the background once the stream ended
-        with Session(router.engine.db) as session:
-            row = session.get(Decision, decision_id)
+        with Session(router.service.db) as session:
+            row = session.get(DecisionRow, decision_id)
         if row.status != "routed":
             break
         time.sleep(0.05)

@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, func, select
 from bench.load import auth_headers, reward_for, run_load
 from policies import registry
 from router.db import normalise_url
-from router.tables import Decision, Reward
+from router.tables import DecisionRow, Reward
 from tests.conftest import backend_table, write_config
 
 pytestmark = [pytest.mark.vllm, pytest.mark.postgres]
@@ -68,7 +68,7 @@ def database_rows(url: str) -> tuple[dict[str, str], dict[str, float]]:
     engine = create_engine(normalise_url(url))
     try:
         with engine.connect() as connection:
-            decisions = dict(connection.execute(select(Decision.id, Decision.kind)).all())
+            decisions = dict(connection.execute(select(DecisionRow.id, DecisionRow.kind)).all())
             rewards = {d: float(r) for d, r in connection.execute(select(Reward.decision_id, Reward.reward)).all()}
             assert connection.execute(select(func.count()).select_from(Reward)).scalar_one() == len(rewards)
     finally:

@@ -7,9 +7,8 @@ import pytest
 
 from policies import Arm, Context, registry
 from router.config import load_config
-from router.engine import RoutingEngine
-from router.protocol import ChatCompletionRequest, RewardRequest
-from tests.conftest import backend_table, free_port, write_config
+from router.service import RouterService
+from tests.conftest import backend_table, chat_request, free_port, route, write_config
 
 ALL = registry.names()
 PROMPTS = [json.loads(line) for line in (Path(__file__).parent.parent / "data" / "two_kinds.jsonl").read_text().splitlines()]
@@ -19,11 +18,11 @@ def _engine(tmp_path, url, embedder, extra=""):
     backends = backend_table("cheap", free_port(), 0.1, 0.2) + backend_table("strong", free_port(), 3.0, 15.0)
     policies = ", ".join(f'"{p}"' for p in ALL)
     config = write_config(tmp_path / "c.toml", url, backends, f"policies = [{policies}]\nsnapshot_every = 15\n{extra}")
-    return RoutingEngine(load_config(config, environ={}), embedder=embedder)
+    return RouterService(load_config(config, environ={}), embedder=embedder)
 
 
 def _request(text, **extra):
-    return ChatCompletionRequest.model_validate({"model": "auto", "messages": [{"role": "user", "content": text}], **extra})
+    return chat_request(text, **extra)
 
 
 def _reward(kind, backend):
@@ -44,17 +43,17 @@ def database_url(request):
 async def test_restart_restores_every_policy_from_snapshot_and_log(tmp_path, database_url, embedder):
     first = _engine(tmp_path, database_url, embedder)
     for i, row in enumerate(PROMPTS[::3]):
-        info = await first.route(_request(row["prompt"], router={"policy": ALL[i % len(ALL)]}))
+        info = await route(first, _request(row["prompt"], router={"policy": ALL[i % len(ALL)]}))
         if i % 4 == 3:
-            await first.feedback(RewardRequest(decision_id=info.decision_id, winner="strong", loser="cheap"))
+            await first.feedback(info.decision_id, None, preference=("strong", "cheap"))
         else:
-            await first.feedback(RewardRequest(decision_id=info.decision_id, reward=_reward(row["kind"], info.backend)))
+            await first.feedback(info.decision_id, None, reward=_reward(row["kind"], info.backend))
     for task in list(first._background):
         await task
     assert first.store.latest_snapshots(), "a periodic snapshot was written"
     probes = _probes(embedder)
     expected = {name: [p.score(c).scores for c in probes] for name, p in first.policies.items()}
-    expected_shadow = first.core.stats()["shadow"]
+    expected_shadow = first.engine.stats()["shadow"]
     first.db.dispose()  # no exit snapshot: the rewards after the last snapshot come back from the log
 
     second = _engine(tmp_path, database_url, embedder)
@@ -62,15 +61,15 @@ async def test_restart_restores_every_policy_from_snapshot_and_log(tmp_path, dat
         restored = [policy.score(c).scores for c in probes]
         for got, want in zip(restored, expected[name]):
             assert got == pytest.approx(want, abs=1e-9), name
-    assert second.core.stats()["shadow"] == expected_shadow
+    assert second.engine.stats()["shadow"] == expected_shadow
     await second.close()
 
 
 async def test_stats_show_shadow_estimates_budget_and_internals(tmp_path, sqlite_url, embedder):
     engine = _engine(tmp_path, sqlite_url, embedder, "[budget]\ntarget_usd_per_query = 0.0001\n")
     for row in PROMPTS[:30]:
-        info = await engine.route(_request(row["prompt"]))
-        await engine.feedback(RewardRequest(decision_id=info.decision_id, reward=_reward(row["kind"], info.backend)))
+        info = await route(engine, _request(row["prompt"]))
+        await engine.feedback(info.decision_id, None, reward=_reward(row["kind"], info.backend))
     stats = await engine.stats()
     assert set(stats["policies"]) == set(ALL)
     active = stats["policies"][stats["active_policy"]]
@@ -92,7 +91,7 @@ async def test_cap_is_never_exceeded_by_any_policy(tmp_path, sqlite_url, embedde
     prompt = "Explain photosynthesis in detail. " * 30
     for name in ALL:
         for _ in range(5):
-            info = await engine.route(_request(prompt, max_tokens=200, router={"policy": name, "max_cost_usd": 0.001}))
+            info = await route(engine, _request(prompt, max_tokens=200, router={"policy": name, "max_cost_usd": 0.001}))
             assert info.predicted_cost_usd <= 0.001 and info.backend == "cheap", name
     await engine.close()
 
@@ -100,5 +99,5 @@ async def test_cap_is_never_exceeded_by_any_policy(tmp_path, sqlite_url, embedde
 async def test_active_policy_switch(tmp_path, sqlite_url, embedder):
     engine = _engine(tmp_path, sqlite_url, embedder)
     engine.set_active_policy("elo")
-    assert (await engine.route(_request("hi"))).policy == "elo"
+    assert (await route(engine, _request("hi"))).policy == "elo"
     await engine.close()

@@ -1,4 +1,4 @@
-"""The engine on the real embedder and a real database, without generation (no backend is called)."""
+"""The service on the real embedder and a real database, without generation (no backend is called)."""
 
 import asyncio
 import json
@@ -7,10 +7,9 @@ import pytest
 
 from policies import registry
 from router.config import load_config
-from router.engine import RoutingEngine
 from router.errors import BadRequest, Conflict, NotFound
-from router.protocol import ChatCompletionRequest, RewardRequest
-from tests.conftest import backend_table, free_port, write_config
+from router.service import RouterService
+from tests.conftest import backend_table, chat_request, free_port, route, write_config
 
 MATH = [
     "What is 17 times 23?",
@@ -26,14 +25,14 @@ POETRY = [
 ]
 
 
-def _request(text: str, **extra) -> ChatCompletionRequest:
-    return ChatCompletionRequest.model_validate({"model": "auto", "messages": [{"role": "user", "content": text}], **extra})
+def _request(text: str, **extra):
+    return chat_request(text, **extra)
 
 
-def _engine(tmp_path, url, embedder, **extra_config) -> RoutingEngine:
+def _engine(tmp_path, url, embedder, **extra_config) -> RouterService:
     backends = backend_table("cheap", free_port(), 0.1, 0.2) + backend_table("strong", free_port(), 3.0, 15.0)
     extra = "\n".join(f"{k} = {v!r}" for k, v in extra_config.items())
-    return RoutingEngine(load_config(write_config(tmp_path / "c.toml", url, backends, extra), environ={}), embedder=embedder)
+    return RouterService(load_config(write_config(tmp_path / "c.toml", url, backends, extra), environ={}), embedder=embedder)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -45,9 +44,9 @@ async def test_restart_keeps_memory_and_learning(tmp_path, database_url, embedde
     first = _engine(tmp_path, database_url, embedder)
     decisions = {}
     for text in MATH + POETRY:
-        info = await first.route(_request(text))
+        info = await route(first, _request(text))
         decisions[text] = info
-        await first.feedback(RewardRequest(decision_id=info.decision_id, reward=1.0 if text in MATH else 0.0))
+        await first.feedback(info.decision_id, None, reward=1.0 if text in MATH else 0.0)
     before = first.memory.search(await first.embed("What is 12 times 12?"), 3)
     q_values = first.policies["qlearning"].stats()["internals"]["q_values"]
     await first.close()
@@ -65,7 +64,7 @@ async def test_restart_keeps_memory_and_learning(tmp_path, database_url, embedde
 async def test_neighbours_reach_the_policy_context(tmp_path, sqlite_url, embedder):
     engine = _engine(tmp_path, sqlite_url, embedder)
     for text in POETRY:
-        await engine.route(_request(text))
+        await route(engine, _request(text))
     neighbours = engine.memory.search(await engine.embed("Write a poem about the moon."), 2)
     assert len(neighbours) == 2 and all(n.similarity > 0.2 for n in neighbours)
     await engine.close()
@@ -75,34 +74,34 @@ async def test_cap_is_respected_and_over_budget_takes_the_cheapest(tmp_path, sql
     engine = _engine(tmp_path, sqlite_url, embedder)
     prompt = "Explain photosynthesis. " * 40
     for _ in range(10):
-        info = await engine.route(_request(prompt, max_tokens=100, router={"max_cost_usd": 0.0005}))
+        info = await route(engine, _request(prompt, max_tokens=100, router={"max_cost_usd": 0.0005}))
         assert info.backend == "cheap" and not info.over_budget
         assert info.predicted_cost_usd <= 0.0005
-    info = await engine.route(_request(prompt, max_tokens=100, router={"max_cost_usd": 1e-9}))
+    info = await route(engine, _request(prompt, max_tokens=100, router={"max_cost_usd": 1e-9}))
     assert info.backend == "cheap" and info.over_budget
     await engine.close()
 
 
 async def test_bad_feedback_is_rejected_and_changes_nothing(tmp_path, sqlite_url, embedder):
     engine = _engine(tmp_path, sqlite_url, embedder, policies=registry.names())
-    info = await engine.route(_request("hello there"))
+    info = await route(engine, _request("hello there"))
 
     def state():
         return {name: json.dumps(p.snapshot(), sort_keys=True) for name, p in engine.policies.items()}
 
     before = state()
     with pytest.raises(NotFound):
-        await engine.feedback(RewardRequest(decision_id="dec_missing", reward=0.5))
+        await engine.feedback("dec_missing", None, reward=0.5)
     with pytest.raises(BadRequest):
-        await engine.feedback(RewardRequest(decision_id=info.decision_id, winner="cheap", loser="nope"))
+        await engine.feedback(info.decision_id, None, preference=("cheap", "nope"))
     assert state() == before
-    first = await engine.feedback(RewardRequest(decision_id=info.decision_id, reward=0.25))
-    again = await engine.feedback(RewardRequest(decision_id=info.decision_id, reward=0.25))
+    first = await engine.feedback(info.decision_id, None, reward=0.25)
+    again = await engine.feedback(info.decision_id, None, reward=0.25)
     assert not first.duplicate and again.duplicate
     learned = state()
     assert all(learned[name] != before[name] for name in ("qlearning", "gradient", "vw", "elo"))
     with pytest.raises(Conflict):
-        await engine.feedback(RewardRequest(decision_id=info.decision_id, reward=0.75))
+        await engine.feedback(info.decision_id, None, reward=0.75)
     assert state() == learned
     stats = await engine.stats()
     assert stats["backends"][info.backend]["rewards"] == 1
@@ -113,15 +112,15 @@ async def test_bad_feedback_is_rejected_and_changes_nothing(tmp_path, sqlite_url
 async def test_unknown_policy_and_backend_are_rejected(tmp_path, sqlite_url, embedder):
     engine = _engine(tmp_path, sqlite_url, embedder)
     with pytest.raises(BadRequest, match="unknown policy"):
-        await engine.route(_request("hi", router={"policy": "nope"}))
+        await route(engine, _request("hi", router={"policy": "nope"}))
     with pytest.raises(NotFound, match="unknown backend"):
-        await engine.route(ChatCompletionRequest.model_validate({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}))
+        await route(engine, _request("hi", model="gpt-9"))
     await engine.close()
 
 
 async def test_concurrent_decisions_are_all_logged(tmp_path, sqlite_url, embedder):
     engine = _engine(tmp_path, sqlite_url, embedder)
-    infos = await asyncio.gather(*(engine.route(_request(f"question number {i}")) for i in range(20)))
+    infos = await asyncio.gather(*(route(engine, _request(f"question number {i}")) for i in range(20)))
     assert len({i.decision_id for i in infos}) == 20
     stats = await engine.stats()
     assert sum(b["decisions"] for b in stats["backends"].values()) == 20

@@ -17,13 +17,12 @@ from sqlmodel import Session, select
 from router.cli import main
 from router.config import load_config
 from router.db import create_db_engine, migrate
-from router.engine import RoutingEngine
 from router.history import HistoryFileError, import_file, training_outcomes
 from router.predictors import build_tiny_backbone
-from router.protocol import ChatCompletionRequest
-from router.tables import Decision, ImportedOutcome, TrainingRun
+from router.service import RouterService
+from router.tables import DecisionRow, ImportedOutcome, TrainingRun
 from router.training import run_training
-from tests.conftest import backend_table, free_port, write_config
+from tests.conftest import backend_table, chat_request, free_port, route, write_config
 
 SAMPLE = Path(__file__).parents[1] / "data" / "llmrouter_sample.jsonl"
 SMALL, MID, LARGE = "gemma-2-9b-it", "llama-3.1-8b-instruct", "llama-3.1-nemotron-51b-instruct"
@@ -44,8 +43,8 @@ def _config(tmp_path, url, backbone, **predictors):
     return write_config(tmp_path / "router.toml", url, backends, extra)
 
 
-def _request(text: str) -> ChatCompletionRequest:
-    return ChatCompletionRequest.model_validate({"model": "auto", "messages": [{"role": "user", "content": text}], "max_tokens": 8})
+def _request(text: str):
+    return chat_request(text, max_tokens=8)
 
 
 def test_import_is_idempotent_and_rejects_bad_files(tmp_path, sqlite_url):
@@ -89,13 +88,13 @@ def test_training_beats_a_constant_and_a_worse_model_is_not_promoted(tmp_path, s
 async def test_predictor_policies_route_from_the_models_and_fall_back_when_broken(tmp_path, sqlite_url, backbones, embedder, caplog):
     path = _config(tmp_path, sqlite_url, backbones["deberta-v2"])
     assert main(["import", str(SAMPLE), "--config", str(path)]) == 0
-    engine = RoutingEngine(load_config(path, environ={}), embedder=embedder)
+    engine = RouterService(load_config(path, environ={}), embedder=embedder)
     assert engine.predictors is not None and not engine.predictors.ready
-    before = await engine.route(_request("What is 12 * 7?"))
+    before = await route(engine, _request("What is 12 * 7?"))
     assert before.policy == "forc" and before.propensity < 1  # the fallback bandit: no model yet
     await asyncio.to_thread(run_training, engine.config, "cli")
     assert engine.predictors.reload() == {"forc": "v0001", "hybrid": "v0001"}
-    info = await engine.route(_request("What is 12 * 7?"))
+    info = await route(engine, _request("What is 12 * 7?"))
     assert info.propensity == 1.0 and set(info.scores) == {SMALL, MID, LARGE}
     stats = await engine.stats()
     assert stats["policies"]["forc"]["internals"]["decided_by_model"] == 1
@@ -109,7 +108,7 @@ async def test_predictor_policies_route_from_the_models_and_fall_back_when_broke
     with caplog.at_level(logging.WARNING, logger="llm_router"):
         engine.predictors.reload()
     assert engine.predictors.forc is None and any("forc" in r.getMessage() for r in caplog.records)
-    await engine.route(_request("What is 12 * 7?"))
+    await route(engine, _request("What is 12 * 7?"))
     internals = (await engine.stats())["policies"]["forc"]["internals"]
     assert (internals["decided_by_model"], internals["decided_by_fallback"]) == (1, 2)
     await engine.close()
@@ -118,7 +117,7 @@ async def test_predictor_policies_route_from_the_models_and_fall_back_when_broke
 async def test_hot_swap_under_concurrent_routing_drops_nothing(tmp_path, sqlite_url, backbones, embedder):
     path = _config(tmp_path, sqlite_url, backbones["distilbert"], epochs=1)
     assert main(["import", str(SAMPLE), "--config", str(path)]) == 0
-    engine = RoutingEngine(load_config(path, environ={}), embedder=embedder)
+    engine = RouterService(load_config(path, environ={}), embedder=embedder)
     await asyncio.to_thread(run_training, engine.config, "cli")
     engine.predictors.reload()
     # A second version, promoted whatever its loss, swapped in while 200 decisions are in flight.
@@ -131,20 +130,20 @@ async def test_hot_swap_under_concurrent_routing_drops_nothing(tmp_path, sqlite_
         await asyncio.to_thread(engine.predictors.reload)
 
     texts = [json.loads(line)["prompt"][:300] for line in SAMPLE.read_text().splitlines()[:200]]
-    results = await asyncio.gather(swap(), *(engine.route(_request(t)) for t in texts), return_exceptions=True)
+    results = await asyncio.gather(swap(), *(route(engine, _request(t)) for t in texts), return_exceptions=True)
     errors = [r for r in results if isinstance(r, Exception)]
     assert not errors, errors[:3]
     assert engine.predictors.versions["forc"] == "v0002" != versions_before["forc"]
     await engine.writer.submit(lambda session: None)
     with Session(engine.db) as session:
-        assert len(session.exec(select(Decision)).all()) == 200
+        assert len(session.exec(select(DecisionRow)).all()) == 200
     await engine.close()
 
 
 async def test_the_scheduler_fires_a_training_job(tmp_path, sqlite_url, backbones, embedder):
     path = _config(tmp_path, sqlite_url, backbones["distilbert"], schedule="interval", interval_minutes=0.02, epochs=1)
     assert main(["import", str(SAMPLE), "--config", str(path)]) == 0
-    engine = RoutingEngine(load_config(path, environ={}), embedder=embedder)
+    engine = RouterService(load_config(path, environ={}), embedder=embedder)
     await engine.start()
     try:
         deadline = time.monotonic() + 120

@@ -154,13 +154,13 @@ def test_a_backend_that_is_down_gives_502_503_or_fails_over(tmp_path, sqlite_url
         assert routed.status_code == 200 and routed.json()["router"]["backend"] in ("smol-a", "smol-b")
 
     # Only the dead backend fits the cap: a clear 503, never a call above the cap.
-    router.engine.pool.state("dead").breaker.reset()
+    router.service.pool.state("dead").breaker.reset()
     capped = httpx.post(f"{router.url}/v1/chat/completions", json=_chat(router={"max_cost_usd": 1e-12}), timeout=60)
     assert capped.status_code == 503 and "dead" in capped.json()["error"]["message"]
 
     # Went down since its last check: the request is retried on a healthy backend.
     for _ in range(30):
-        router.engine.pool.state("dead").breaker.reset()
+        router.service.pool.state("dead").breaker.reset()
         response = httpx.post(f"{router.url}/v1/chat/completions", json=_chat(router={"policy": "random"}), timeout=120)
         assert response.status_code == 200
         info = response.json()["router"]
@@ -176,7 +176,7 @@ def test_restart_on_postgresql_keeps_memory(tmp_path, pg_url, vllm_backends, sta
     httpx.post(f"{first.url}/v1/rewards", json={"decision_id": decision["decision_id"], "reward": 1.0})
     first.__exit__()
     second = start_router(config)
-    neighbours = second.engine.memory.search(second.engine.embedder.embed(["Name a prime number."])[0], 1)
+    neighbours = second.service.memory.search(second.service.embedder.embed(["Name a prime number."])[0], 1)
     assert neighbours[0].decision_id == decision["decision_id"] and neighbours[0].reward == 1.0
     stats = httpx.get(f"{second.url}/v1/policies/stats").json()
     assert stats["backends"][decision["backend"]]["rewards"] == 1

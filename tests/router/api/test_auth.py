@@ -5,7 +5,8 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 
-from router.auth import Authenticator, SpendLedger, hash_key, seconds_to_next_period
+from router.api.auth import Authenticator, hash_key
+from router.budget import SpendLedger, seconds_to_next_period
 from router.config import ApiKeyConfig, AuthConfig, ConfigError
 from router.errors import Forbidden, TooManyRequests, Unauthorized
 from tests.conftest import backend_table, write_config
@@ -93,15 +94,16 @@ def test_spend_ledger_reserves_settles_and_resets_by_period():
     ledger = SpendLedger([ApiKeyConfig(name="a", key_sha256=hash_key("k"), max_spend_usd=1.0, budget_period="day")], lambda: now)
     ledger.load("a", 0.25)
     ledger.reserve("a", "d1", 0.5)
-    assert ledger.remaining("a") == pytest.approx(0.25)
+    assert ledger.limit("a").remaining_usd == pytest.approx(0.25)
     ledger.settle("a", "d1", 0.125)  # the real cost replaces the prediction
-    assert ledger.remaining("a") == pytest.approx(0.625)
-    with pytest.raises(TooManyRequests) as refused:
-        ledger.check("a", 0.7)
-    assert refused.value.type == "insufficient_quota" and refused.value.headers["Retry-After"] == "3600"
-    assert ledger.remaining("unbudgeted") is None and ledger.remaining(None) is None
+    limit = ledger.limit("a")
+    assert limit.remaining_usd == pytest.approx(0.625)
+    refused = limit.refuse(0.7)
+    assert isinstance(refused, TooManyRequests) and refused.status == 429
+    assert refused.type == "insufficient_quota" and refused.headers["Retry-After"] == "3600"
+    assert ledger.limit("unbudgeted") is None and ledger.limit(None) is None
     now = datetime(2026, 11, 22, 0, 0, 1, tzinfo=UTC)
-    assert ledger.remaining("a") == 1.0
+    assert ledger.limit("a").remaining_usd == 1.0
     assert seconds_to_next_period("month", datetime(2026, 12, 31, 23, 59, tzinfo=UTC)) == 60
     assert seconds_to_next_period("total", now) is None
 
