@@ -12,7 +12,8 @@ class FakeVLLM:
     """A tiny OpenAI-compatible server: /health, /v1/models, /metrics, /v1/chat/completions.
 
     `health_status` and `chat_status` say what it answers; `chat_delay_s` holds chat answers back (a hung
-    backend); `cut_streams` makes a streamed answer stop after its first event, as when a server dies.
+    backend); `cut_streams` makes a streamed answer stop after its first event, as when a server dies;
+    `stream_gap_s` is the pause between the events of a whole streamed answer.
     A stand-in only for failures a real vLLM cannot be made to show on demand.
     """
 
@@ -22,6 +23,7 @@ class FakeVLLM:
         self.chat_status = 200
         self.chat_delay_s = 0.0
         self.cut_streams = False
+        self.stream_gap_s = 0.0
         self.chats = 0
         self._stop = threading.Event()
         server = self
@@ -66,6 +68,9 @@ class FakeVLLM:
                 if server.chat_status != 200:
                     self._send(server.chat_status, {"error": {"message": f"status {server.chat_status}"}})
                     return
+                if request.get("stream"):
+                    self._stream()
+                    return
                 self._send(
                     200,
                     {
@@ -73,6 +78,24 @@ class FakeVLLM:
                         "usage": {"prompt_tokens": 3, "completion_tokens": 1},
                     },
                 )
+
+            def _stream(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                chunks = [
+                    {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "hi"}, "finish_reason": None}]},
+                    {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+                    {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}},
+                ]
+                for chunk in chunks:
+                    self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                    self.wfile.flush()
+                    server._stop.wait(server.stream_gap_s)
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+                self.close_connection = True
 
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._http.daemon_threads = True

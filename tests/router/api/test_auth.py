@@ -1,12 +1,10 @@
 """Keys, roles, rate limits, spending budgets and request limits: units, then the service over HTTP."""
 
-from datetime import UTC, datetime
 
 import httpx
 import pytest
 
 from router.api.auth import Authenticator, hash_key
-from router.budget import SpendLedger, seconds_to_next_period
 from router.config import ApiKeyConfig, AuthConfig, ConfigError
 from router.errors import Forbidden, TooManyRequests, Unauthorized
 from tests.conftest import backend_table, write_config
@@ -87,25 +85,6 @@ def test_rate_limit_is_a_token_bucket_with_retry_after():
     assert refused.value.status == 429 and refused.value.headers == {"Retry-After": "1"}
     clock.now += 1.0
     auth.authenticate("Bearer k")
-
-
-def test_spend_ledger_reserves_settles_and_resets_by_period():
-    now = datetime(2026, 11, 21, 23, 0, tzinfo=UTC)
-    ledger = SpendLedger([ApiKeyConfig(name="a", key_sha256=hash_key("k"), max_spend_usd=1.0, budget_period="day")], lambda: now)
-    ledger.load("a", 0.25)
-    ledger.reserve("a", "d1", 0.5)
-    assert ledger.limit("a").remaining_usd == pytest.approx(0.25)
-    ledger.settle("a", "d1", 0.125)  # the real cost replaces the prediction
-    limit = ledger.limit("a")
-    assert limit.remaining_usd == pytest.approx(0.625)
-    refused = limit.refuse(0.7)
-    assert isinstance(refused, TooManyRequests) and refused.status == 429
-    assert refused.type == "insufficient_quota" and refused.headers["Retry-After"] == "3600"
-    assert ledger.limit("unbudgeted") is None and ledger.limit(None) is None
-    now = datetime(2026, 11, 22, 0, 0, 1, tzinfo=UTC)
-    assert ledger.limit("a").remaining_usd == 1.0
-    assert seconds_to_next_period("month", datetime(2026, 12, 31, 23, 59, tzinfo=UTC)) == 60
-    assert seconds_to_next_period("total", now) is None
 
 
 # -- over HTTP ---------------------------------------------------------------------------------------
@@ -202,8 +181,7 @@ def test_rate_limit_and_spending_budget_over_http(tmp_path, sqlite_url, vllm_bac
 
     budgeted = [route(CLIENT) for _ in range(8)]
     statuses = [r.status_code for r in budgeted]
-    first_refusal = statuses.index(429)
-    assert first_refusal >= 1 and set(statuses[first_refusal:]) == {429}
+    assert statuses == [200] * 3 + [429] * 5, "a budget for three cheap decisions: exactly three"
     refused = budgeted[-1]
     assert refused.json()["error"]["type"] == "insufficient_quota" and int(refused.headers["Retry-After"]) <= 86400
     stats = httpx.get(f"{router.url}/v1/policies/stats", headers=_headers(ADMIN), timeout=30).json()
