@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/train_overhead.py --data ../shared/data/llmrouter_routing.jsonl --samples 3000
 
-Builds the routing engine the service runs (SQLite in a temp dir, `forc` and `hybrid` active with
+Builds the routing service `serve` runs (SQLite in a temp dir, `forc` and `hybrid` active with
 `thompson`, the real embedder and predictors), imports `--samples` prompts of the file as history, trains
-once in the foreground so the predictors are in the request path, then measures `engine.route()`
+once in the foreground so the predictors are in the request path, then measures `service.route()`
 (embedding, predictor inference, recall, policies, durable write) at concurrency 1: first idle, then
 while the scheduler's worker process (its own `--threads` torch threads) trains again. Prints one JSON
 object with both p50/p99, their ratio, and the training run (duration, samples, promoted).
@@ -26,10 +26,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from router.api.limits import routing_request  # noqa: E402
+from router.api.protocol import ChatCompletionRequest  # noqa: E402
 from router.config import load_config  # noqa: E402
-from router.engine import RoutingEngine  # noqa: E402
 from router.history import import_file  # noqa: E402
-from router.protocol import ChatCompletionRequest  # noqa: E402
+from router.service import RouterService  # noqa: E402
 from router.training import TrainingScheduler, run_training  # noqa: E402
 
 
@@ -38,14 +39,14 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {"p50_ms": round(ordered[len(ordered) // 2], 2), "p99_ms": round(ordered[int(len(ordered) * 0.99) - 1], 2), "n": len(ordered)}
 
 
-async def _route_latencies(engine: RoutingEngine, prompts: list[str], stop: asyncio.Event | None, limit: int) -> list[float]:
+async def _route_latencies(service: RouterService, prompts: list[str], stop: asyncio.Event | None, limit: int) -> list[float]:
     latencies = []
     for index in range(limit):
         if stop is not None and stop.is_set():
             break
         request = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": prompts[index % len(prompts)]}], "max_tokens": 64})
         started = time.perf_counter()
-        await engine.route(request)
+        await service.route(routing_request(request, service.config.limits))
         latencies.append((time.perf_counter() - started) * 1000)
     return latencies
 
@@ -70,22 +71,22 @@ async def main(args: argparse.Namespace) -> dict:
         f"threads = {args.threads}\nepochs = {args.epochs}\nmin_samples = 10\n{backends}"
     )
     config = load_config(config_path, environ={})
-    engine = RoutingEngine(config)
-    import_file(engine.db, history)
+    service = RouterService(config)
+    import_file(service.db, history)
     first = run_training(config.model_copy(update={"predictors": config.predictors.model_copy(update={"threads": os.cpu_count()})}), "bench")
-    engine.predictors.reload()
-    await _route_latencies(engine, probes, None, 20)  # warm-up
-    idle = await _route_latencies(engine, probes, None, args.requests)
+    service.predictors.reload()
+    await _route_latencies(service, probes, None, 20)  # warm-up
+    idle = await _route_latencies(service, probes, None, args.requests)
     scheduler = TrainingScheduler(config, lambda runs: asyncio.sleep(0))
     stop = asyncio.Event()
     started = time.perf_counter()
     training = asyncio.ensure_future(scheduler.run("bench"))
     training.add_done_callback(lambda _: stop.set())
     await asyncio.sleep(5)  # past the worker's start-up, into training
-    during = await _route_latencies(engine, probes, stop, 10**9)
+    during = await _route_latencies(service, probes, stop, 10**9)
     runs = await training
     scheduler.shutdown()
-    await engine.close()
+    await service.close()
     result = {
         "samples": args.samples, "threads": args.threads, "epochs": args.epochs, "cores": os.cpu_count(),
         "foreground_training_s": {r["kind"]: round(r["duration_s"], 1) for r in first},

@@ -1,4 +1,4 @@
-"""All policies behind the service's engine: restart restores them, shadows are evaluated, budget holds."""
+"""All policies behind the service's service: restart restores them, shadows are evaluated, budget holds."""
 
 import json
 from pathlib import Path
@@ -14,7 +14,7 @@ ALL = registry.names()
 PROMPTS = [json.loads(line) for line in (Path(__file__).parent.parent / "data" / "two_kinds.jsonl").read_text().splitlines()]
 
 
-def _engine(tmp_path, url, embedder, extra=""):
+def _service(tmp_path, url, embedder, extra=""):
     backends = backend_table("cheap", free_port(), 0.1, 0.2) + backend_table("strong", free_port(), 3.0, 15.0)
     policies = ", ".join(f'"{p}"' for p in ALL)
     config = write_config(tmp_path / "c.toml", url, backends, f"policies = [{policies}]\nsnapshot_every = 15\n{extra}")
@@ -41,7 +41,7 @@ def database_url(request):
 
 
 async def test_restart_restores_every_policy_from_snapshot_and_log(tmp_path, database_url, embedder):
-    first = _engine(tmp_path, database_url, embedder)
+    first = _service(tmp_path, database_url, embedder)
     for i, row in enumerate(PROMPTS[::3]):
         info = await route(first, _request(row["prompt"], router={"policy": ALL[i % len(ALL)]}))
         if i % 4 == 3:
@@ -56,7 +56,7 @@ async def test_restart_restores_every_policy_from_snapshot_and_log(tmp_path, dat
     expected_shadow = first.engine.stats()["shadow"]
     first.db.dispose()  # no exit snapshot: the rewards after the last snapshot come back from the log
 
-    second = _engine(tmp_path, database_url, embedder)
+    second = _service(tmp_path, database_url, embedder)
     for name, policy in second.policies.items():
         restored = [policy.score(c).scores for c in probes]
         for got, want in zip(restored, expected[name]):
@@ -66,11 +66,11 @@ async def test_restart_restores_every_policy_from_snapshot_and_log(tmp_path, dat
 
 
 async def test_stats_show_shadow_estimates_budget_and_internals(tmp_path, sqlite_url, embedder):
-    engine = _engine(tmp_path, sqlite_url, embedder, "[budget]\ntarget_usd_per_query = 0.0001\n")
+    service = _service(tmp_path, sqlite_url, embedder, "[budget]\ntarget_usd_per_query = 0.0001\n")
     for row in PROMPTS[:30]:
-        info = await route(engine, _request(row["prompt"]))
-        await engine.feedback(info.decision_id, None, reward=_reward(row["kind"], info.backend))
-    stats = await engine.stats()
+        info = await route(service, _request(row["prompt"]))
+        await service.feedback(info.decision_id, None, reward=_reward(row["kind"], info.backend))
+    stats = await service.stats()
     assert set(stats["policies"]) == set(ALL)
     active = stats["policies"][stats["active_policy"]]
     assert active["shadow"]["rewards"] == 30 and active["shadow"]["matching_decisions"] == 30
@@ -82,21 +82,21 @@ async def test_stats_show_shadow_estimates_budget_and_internals(tmp_path, sqlite
     assert "ratings" in json.dumps(stats["policies"]["elo"]["internals"])
     assert stats["budget"]["target_usd_per_query"] == 0.0001 and stats["budget"]["queries"] == 30
     assert stats["budget"]["lambda"] >= 0
-    await engine.close()
+    await service.close()
 
 
 async def test_cap_is_never_exceeded_by_any_policy(tmp_path, sqlite_url, embedder):
-    engine = _engine(tmp_path, sqlite_url, embedder)
+    service = _service(tmp_path, sqlite_url, embedder)
     prompt = "Explain photosynthesis in detail. " * 30
     for name in ALL:
         for _ in range(5):
-            info = await route(engine, _request(prompt, max_tokens=200, router={"policy": name, "max_cost_usd": 0.001}))
+            info = await route(service, _request(prompt, max_tokens=200, router={"policy": name, "max_cost_usd": 0.001}))
             assert info.predicted_cost_usd <= 0.001 and info.backend == "cheap", name
-    await engine.close()
+    await service.close()
 
 
 async def test_active_policy_switch(tmp_path, sqlite_url, embedder):
-    engine = _engine(tmp_path, sqlite_url, embedder)
-    engine.set_active_policy("elo")
-    assert (await route(engine, _request("hi"))).policy == "elo"
-    await engine.close()
+    service = _service(tmp_path, sqlite_url, embedder)
+    service.set_active_policy("elo")
+    assert (await route(service, _request("hi"))).policy == "elo"
+    await service.close()

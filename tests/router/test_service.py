@@ -29,7 +29,7 @@ def _request(text: str, **extra):
     return chat_request(text, **extra)
 
 
-def _engine(tmp_path, url, embedder, **extra_config) -> RouterService:
+def _service(tmp_path, url, embedder, **extra_config) -> RouterService:
     backends = backend_table("cheap", free_port(), 0.1, 0.2) + backend_table("strong", free_port(), 3.0, 15.0)
     extra = "\n".join(f"{k} = {v!r}" for k, v in extra_config.items())
     return RouterService(load_config(write_config(tmp_path / "c.toml", url, backends, extra), environ={}), embedder=embedder)
@@ -41,7 +41,7 @@ def database_url(request, tmp_path):
 
 
 async def test_restart_keeps_memory_and_learning(tmp_path, database_url, embedder):
-    first = _engine(tmp_path, database_url, embedder)
+    first = _service(tmp_path, database_url, embedder)
     decisions = {}
     for text in MATH + POETRY:
         info = await route(first, _request(text))
@@ -51,7 +51,7 @@ async def test_restart_keeps_memory_and_learning(tmp_path, database_url, embedde
     q_values = first.policies["qlearning"].stats()["internals"]["q_values"]
     await first.close()
 
-    second = _engine(tmp_path, database_url, embedder)
+    second = _service(tmp_path, database_url, embedder)
     assert len(second.memory) == len(MATH) + len(POETRY)
     after = second.memory.search(await second.embed("What is 12 times 12?"), 3)
     assert [n.decision_id for n in after] == [n.decision_id for n in before]
@@ -62,66 +62,66 @@ async def test_restart_keeps_memory_and_learning(tmp_path, database_url, embedde
 
 
 async def test_neighbours_reach_the_policy_context(tmp_path, sqlite_url, embedder):
-    engine = _engine(tmp_path, sqlite_url, embedder)
+    service = _service(tmp_path, sqlite_url, embedder)
     for text in POETRY:
-        await route(engine, _request(text))
-    neighbours = engine.memory.search(await engine.embed("Write a poem about the moon."), 2)
+        await route(service, _request(text))
+    neighbours = service.memory.search(await service.embed("Write a poem about the moon."), 2)
     assert len(neighbours) == 2 and all(n.similarity > 0.2 for n in neighbours)
-    await engine.close()
+    await service.close()
 
 
 async def test_cap_is_respected_and_over_budget_takes_the_cheapest(tmp_path, sqlite_url, embedder):
-    engine = _engine(tmp_path, sqlite_url, embedder)
+    service = _service(tmp_path, sqlite_url, embedder)
     prompt = "Explain photosynthesis. " * 40
     for _ in range(10):
-        info = await route(engine, _request(prompt, max_tokens=100, router={"max_cost_usd": 0.0005}))
+        info = await route(service, _request(prompt, max_tokens=100, router={"max_cost_usd": 0.0005}))
         assert info.backend == "cheap" and not info.over_budget
         assert info.predicted_cost_usd <= 0.0005
-    info = await route(engine, _request(prompt, max_tokens=100, router={"max_cost_usd": 1e-9}))
+    info = await route(service, _request(prompt, max_tokens=100, router={"max_cost_usd": 1e-9}))
     assert info.backend == "cheap" and info.over_budget
-    await engine.close()
+    await service.close()
 
 
 async def test_bad_feedback_is_rejected_and_changes_nothing(tmp_path, sqlite_url, embedder):
-    engine = _engine(tmp_path, sqlite_url, embedder, policies=registry.names())
-    info = await route(engine, _request("hello there"))
+    service = _service(tmp_path, sqlite_url, embedder, policies=registry.names())
+    info = await route(service, _request("hello there"))
 
     def state():
-        return {name: json.dumps(p.snapshot(), sort_keys=True) for name, p in engine.policies.items()}
+        return {name: json.dumps(p.snapshot(), sort_keys=True) for name, p in service.policies.items()}
 
     before = state()
     with pytest.raises(NotFound):
-        await engine.feedback("dec_missing", None, reward=0.5)
+        await service.feedback("dec_missing", None, reward=0.5)
     with pytest.raises(BadRequest):
-        await engine.feedback(info.decision_id, None, preference=("cheap", "nope"))
+        await service.feedback(info.decision_id, None, preference=("cheap", "nope"))
     assert state() == before
-    first = await engine.feedback(info.decision_id, None, reward=0.25)
-    again = await engine.feedback(info.decision_id, None, reward=0.25)
+    first = await service.feedback(info.decision_id, None, reward=0.25)
+    again = await service.feedback(info.decision_id, None, reward=0.25)
     assert not first.duplicate and again.duplicate
     learned = state()
     assert all(learned[name] != before[name] for name in ("qlearning", "gradient", "vw", "elo"))
     with pytest.raises(Conflict):
-        await engine.feedback(info.decision_id, None, reward=0.75)
+        await service.feedback(info.decision_id, None, reward=0.75)
     assert state() == learned
-    stats = await engine.stats()
+    stats = await service.stats()
     assert stats["backends"][info.backend]["rewards"] == 1
     assert stats["backends"][info.backend]["mean_reward"] == 0.25
-    await engine.close()
+    await service.close()
 
 
 async def test_unknown_policy_and_backend_are_rejected(tmp_path, sqlite_url, embedder):
-    engine = _engine(tmp_path, sqlite_url, embedder)
+    service = _service(tmp_path, sqlite_url, embedder)
     with pytest.raises(BadRequest, match="unknown policy"):
-        await route(engine, _request("hi", router={"policy": "nope"}))
+        await route(service, _request("hi", router={"policy": "nope"}))
     with pytest.raises(NotFound, match="unknown backend"):
-        await route(engine, _request("hi", model="gpt-9"))
-    await engine.close()
+        await route(service, _request("hi", model="gpt-9"))
+    await service.close()
 
 
 async def test_concurrent_decisions_are_all_logged(tmp_path, sqlite_url, embedder):
-    engine = _engine(tmp_path, sqlite_url, embedder)
-    infos = await asyncio.gather(*(route(engine, _request(f"question number {i}")) for i in range(20)))
+    service = _service(tmp_path, sqlite_url, embedder)
+    infos = await asyncio.gather(*(route(service, _request(f"question number {i}")) for i in range(20)))
     assert len({i.decision_id for i in infos}) == 20
-    stats = await engine.stats()
+    stats = await service.stats()
     assert sum(b["decisions"] for b in stats["backends"].values()) == 20
-    await engine.close()
+    await service.close()

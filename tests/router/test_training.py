@@ -88,15 +88,15 @@ def test_training_beats_a_constant_and_a_worse_model_is_not_promoted(tmp_path, s
 async def test_predictor_policies_route_from_the_models_and_fall_back_when_broken(tmp_path, sqlite_url, backbones, embedder, caplog):
     path = _config(tmp_path, sqlite_url, backbones["deberta-v2"])
     assert main(["import", str(SAMPLE), "--config", str(path)]) == 0
-    engine = RouterService(load_config(path, environ={}), embedder=embedder)
-    assert engine.predictors is not None and not engine.predictors.ready
-    before = await route(engine, _request("What is 12 * 7?"))
+    service = RouterService(load_config(path, environ={}), embedder=embedder)
+    assert service.predictors is not None and not service.predictors.ready
+    before = await route(service, _request("What is 12 * 7?"))
     assert before.policy == "forc" and before.propensity < 1  # the fallback bandit: no model yet
-    await asyncio.to_thread(run_training, engine.config, "cli")
-    assert engine.predictors.reload() == {"forc": "v0001", "hybrid": "v0001"}
-    info = await route(engine, _request("What is 12 * 7?"))
+    await asyncio.to_thread(run_training, service.config, "cli")
+    assert service.predictors.reload() == {"forc": "v0001", "hybrid": "v0001"}
+    info = await route(service, _request("What is 12 * 7?"))
     assert info.propensity == 1.0 and set(info.scores) == {SMALL, MID, LARGE}
-    stats = await engine.stats()
+    stats = await service.stats()
     assert stats["policies"]["forc"]["internals"]["decided_by_model"] == 1
     assert stats["predictors"]["models"]["hybrid"]["predictor"]["small"] == SMALL
     assert [r["kind"] for r in stats["predictors"]["runs"]] == ["hybrid", "forc"]
@@ -104,53 +104,53 @@ async def test_predictor_policies_route_from_the_models_and_fall_back_when_broke
     # A corrupt artifact: the next load refuses it with a logged reason and the bandit decides again.
     weights = next((tmp_path / "artifacts" / "forc" / "v0001").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])
-    engine.predictors.versions["forc"] = None
+    service.predictors.versions["forc"] = None
     with caplog.at_level(logging.WARNING, logger="llm_router"):
-        engine.predictors.reload()
-    assert engine.predictors.forc is None and any("forc" in r.getMessage() for r in caplog.records)
-    await route(engine, _request("What is 12 * 7?"))
-    internals = (await engine.stats())["policies"]["forc"]["internals"]
+        service.predictors.reload()
+    assert service.predictors.forc is None and any("forc" in r.getMessage() for r in caplog.records)
+    await route(service, _request("What is 12 * 7?"))
+    internals = (await service.stats())["policies"]["forc"]["internals"]
     assert (internals["decided_by_model"], internals["decided_by_fallback"]) == (1, 2)
-    await engine.close()
+    await service.close()
 
 
 async def test_hot_swap_under_concurrent_routing_drops_nothing(tmp_path, sqlite_url, backbones, embedder):
     path = _config(tmp_path, sqlite_url, backbones["distilbert"], epochs=1)
     assert main(["import", str(SAMPLE), "--config", str(path)]) == 0
-    engine = RouterService(load_config(path, environ={}), embedder=embedder)
-    await asyncio.to_thread(run_training, engine.config, "cli")
-    engine.predictors.reload()
+    service = RouterService(load_config(path, environ={}), embedder=embedder)
+    await asyncio.to_thread(run_training, service.config, "cli")
+    service.predictors.reload()
     # A second version, promoted whatever its loss, swapped in while 200 decisions are in flight.
-    versions_before = dict(engine.predictors.versions)
+    versions_before = dict(service.predictors.versions)
 
     async def swap() -> None:
-        await asyncio.to_thread(run_training, engine.config, "cli")
-        store = engine.predictors.store
+        await asyncio.to_thread(run_training, service.config, "cli")
+        store = service.predictors.store
         store.promote(store.versions("forc")[-1])
-        await asyncio.to_thread(engine.predictors.reload)
+        await asyncio.to_thread(service.predictors.reload)
 
     texts = [json.loads(line)["prompt"][:300] for line in SAMPLE.read_text().splitlines()[:200]]
-    results = await asyncio.gather(swap(), *(route(engine, _request(t)) for t in texts), return_exceptions=True)
+    results = await asyncio.gather(swap(), *(route(service, _request(t)) for t in texts), return_exceptions=True)
     errors = [r for r in results if isinstance(r, Exception)]
     assert not errors, errors[:3]
-    assert engine.predictors.versions["forc"] == "v0002" != versions_before["forc"]
-    await engine.writer.submit(lambda session: None)
-    with Session(engine.db) as session:
+    assert service.predictors.versions["forc"] == "v0002" != versions_before["forc"]
+    await service.writer.submit(lambda session: None)
+    with Session(service.db) as session:
         assert len(session.exec(select(DecisionRow)).all()) == 200
-    await engine.close()
+    await service.close()
 
 
 async def test_the_scheduler_fires_a_training_job(tmp_path, sqlite_url, backbones, embedder):
     path = _config(tmp_path, sqlite_url, backbones["distilbert"], schedule="interval", interval_minutes=0.02, epochs=1)
     assert main(["import", str(SAMPLE), "--config", str(path)]) == 0
-    engine = RouterService(load_config(path, environ={}), embedder=embedder)
-    await engine.start()
+    service = RouterService(load_config(path, environ={}), embedder=embedder)
+    await service.start()
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and engine.predictors.versions["forc"] is None:
+        while time.monotonic() < deadline and service.predictors.versions["forc"] is None:
             await asyncio.sleep(0.5)
-        assert engine.predictors.versions["forc"] == "v0001"  # trained in the worker process, then swapped in
-        runs = (await engine.stats())["predictors"]["runs"]
+        assert service.predictors.versions["forc"] == "v0001"  # trained in the worker process, then swapped in
+        runs = (await service.stats())["predictors"]["runs"]
         assert runs and {r["trigger"] for r in runs} == {"schedule"} and runs[0]["duration_s"] > 0
     finally:
-        await engine.close()
+        await service.close()
