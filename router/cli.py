@@ -36,9 +36,9 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from backends.launcher import BackendLauncher, LaunchError
-    from router.app import create_app
-    from router.auth import Authenticator
-    from router.engine import RoutingEngine
+    from router.api import create_app
+    from router.api.auth import Authenticator
+    from router.service import RouterService
 
     config = _load(args)
     host = args.host or config.server.host
@@ -54,9 +54,9 @@ def serve(args: argparse.Namespace) -> int:
             print(f"llm-router: starting {len(launcher.targets)} managed backends ...", file=sys.stderr, flush=True)
             launcher.start()
             launcher.wait_ready()
-        engine = RoutingEngine(config)
+        service = RouterService(config)
         print(f"llm-router: serving on http://{host}:{port} (policy {config.default_policy})", file=sys.stderr, flush=True)
-        uvicorn.run(create_app(engine, authenticator), host=host, port=port, log_level=os.environ.get("LLM_ROUTER_LOG_LEVEL", "INFO").lower())
+        uvicorn.run(create_app(service, authenticator), host=host, port=port, log_level=os.environ.get("LLM_ROUTER_LOG_LEVEL", "INFO").lower())
     except LaunchError as exc:
         print(f"llm-router: {exc}", file=sys.stderr)
         return 1
@@ -118,29 +118,42 @@ def train_command(args: argparse.Namespace) -> int:
     return 1 if any(run["status"] == "failed" for run in runs) else 0
 
 
+def _progress(message: str) -> None:
+    """One line on the terminal, rewritten in place (only used when stderr is a TTY)."""
+    print(f"\rllm-router replay: {message}\033[K", end="", file=sys.stderr, flush=True)
+
+
 def replay_command(args: argparse.Namespace) -> int:
     import json
 
-    from policies import registry
+    from policies import PREDICTED_POLICIES
     from router.embedding import Embedder
-    from router.replay import DatasetError, comparison_table, run
+    from router.replay import DatasetError, TrainFraction, comparison_table, run, select_policies
 
     config = _load(args)
-    known = registry.names()
-    policies = known if args.policy == "all" else [args.policy]
-    unknown = [p for p in policies if p not in known]
-    if unknown:
-        print(f"llm-router: unknown policy {unknown[0]!r}; known: {known} or 'all'", file=sys.stderr)
+    with_history = args.train_fraction is not None
+    try:
+        policies, skipped = select_policies(args.policy, with_history)
+    except ValueError as exc:
+        print(f"llm-router: {exc}", file=sys.stderr)
         return 2
+    if skipped:
+        print(f"llm-router: skipped {', '.join(skipped)}: predictor policies need --train-fraction "
+              "(without trained predictors they only run their fallback)", file=sys.stderr)
+    fallback_only = [p for p in policies if p in PREDICTED_POLICIES and not with_history]
+    if fallback_only:
+        print(f"llm-router: without --train-fraction, {', '.join(fallback_only)} only run their fallback policy", file=sys.stderr)
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         print(f"llm-router: --seeds must be integers separated by commas, got {args.seeds!r}", file=sys.stderr)
         return 2
+    if args.budget is not None and args.budget < 0:
+        print("llm-router: --budget must not be negative", file=sys.stderr)
+        return 2
     models = [m.strip() for m in args.models.split(",")] if args.models else None
     train = None
-    if args.train_fraction is not None:
-        from router.replay import TrainFraction
+    if with_history:
         from router.training import train_settings
 
         if not 0 < args.train_fraction < 1:
@@ -151,13 +164,18 @@ def replay_command(args: argparse.Namespace) -> int:
             return 2
         settings = train_settings(config).model_copy(update={"threads": os.cpu_count() or 1})
         train = TrainFraction(args.train_fraction, settings)
+    progress = _progress if sys.stderr.isatty() else None
     try:
         budgets = [float(b) for b in args.budgets.split(",") if b.strip()] if args.budgets else None
         reports = run(args.data, policies, seeds, args.budget, Path(args.out), Embedder(config.embedder.path),
-                      models=models, policy_options=config.policy_options, budgets=budgets, peers=args.peers, train=train)
+                      models=models, config=config, budgets=budgets, peers=args.peers, train=train, shadows=args.shadows,
+                      progress=progress)
     except (DatasetError, OSError, ValueError) as exc:
         print(f"llm-router: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if progress:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
     print(json.dumps(reports[0], indent=2) if len(reports) == 1 else comparison_table(reports))
     return 0
 
@@ -184,18 +202,22 @@ def main(argv: list[str] | None = None) -> int:
     train_parser = commands.add_parser("train", help="train the predictors once (FORC, Hybrid-LLM) and promote if better")
     train_parser.add_argument("--config")
     train_parser.set_defaults(run=train_command)
-    replay_parser = commands.add_parser("replay", help="replay recorded outcomes through the routing core")
+    replay_parser = commands.add_parser("replay", help="replay recorded outcomes through the routing engine")
     replay_parser.add_argument("--data", required=True, help="routing file in the shared data format (*.jsonl)")
-    replay_parser.add_argument("--policy", required=True, help="policy name, or 'all'")
+    replay_parser.add_argument("--policy", required=True,
+                               help="policy name, comma-separated names, or 'all' (forc and hybrid only with --train-fraction)")
     replay_parser.add_argument("--seeds", default="0", help="comma-separated seeds, one online pass each")
-    replay_parser.add_argument("--budget", type=float, default=None, help="target mean cost per query in USD")
+    replay_parser.add_argument("--budget", type=float, default=None,
+                               help="target mean cost per query in USD (replaces the config's [budget] target)")
     replay_parser.add_argument("--models", default=None, help="comma-separated subset of the file's models")
     replay_parser.add_argument("--out", default="var/replay", help="directory for report.json")
     replay_parser.add_argument("--budgets", default=None, help="comma-separated budget sweep (USD per query): AIQ, plots")
     replay_parser.add_argument("--peers", action="store_true", help="add MABWiser and river rows on the same stream")
+    replay_parser.add_argument("--shadows", action="store_true",
+                               help="also run the config's other policies as shadows, as the service does (in decision times)")
     replay_parser.add_argument("--train-fraction", type=float, default=None,
                                help="history share of each shuffled stream: predictors train on it, the rest is routed")
-    replay_parser.add_argument("--config", help="config file (embedder, policy options, [predictors] settings)")
+    replay_parser.add_argument("--config", help="config file: [budget], embedder, neighbours, policies, policy options, [predictors]")
     replay_parser.set_defaults(run=replay_command)
     args = parser.parse_args(argv)
     return int(args.run(args))

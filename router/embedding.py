@@ -14,6 +14,7 @@ files are made once from the local weights and cached under ~/.cache/llm-router/
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -155,6 +156,31 @@ class Embedder:
             raise ValueError(f"unknown embedder backend {backend!r}; use 'onnx' or 'torch'")
         q8 = "-q8" if backend == "onnx" and quantize else ""
         self.name = f"{resolved.name}-{self.dim}{q8}"  # the memory key: one per set of vectors
+        self.path, self.quantize = resolved, backend == "onnx" and quantize
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """SHA-256 of what decides the vectors: the content of every file of the model directory (weights,
+        tokenizer, pooling and length settings), the backend, the quantisation, the ONNX export version
+        and the runtime's version. Unlike `name`, it changes when the weights or settings do (a key for
+        caches of vectors)."""
+        if self.backend == "onnx":
+            import onnxruntime
+
+            runtime = f"onnxruntime-{onnxruntime.__version__}-export-v{EXPORT_VERSION}-max{self.max_tokens}"
+        else:
+            import sentence_transformers
+
+            runtime = f"sentence-transformers-{sentence_transformers.__version__}"
+        digest = hashlib.sha256(f"{self.backend}|q8={self.quantize}|{runtime}|dim={self.dim}".encode())
+        files = sorted(f.relative_to(self.path) for f in self.path.rglob("*") if f.is_file())
+        for relative in (f for f in files if not any(part.startswith(".") for part in f.parts)):  # not .git, .cache
+            digest.update(f"\x1e{relative.as_posix()}\x1f".encode())
+            file = self.path / relative
+            with file.open("rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+        return digest.hexdigest()
 
     def _load_onnx(self, model_dir: Path, quantize: bool, threads: int) -> None:
         import onnxruntime

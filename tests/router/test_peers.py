@@ -5,9 +5,9 @@ import pytest
 from mabwiser.mab import MAB
 from river import bandit
 
-from router.core import Candidate
-from router.peers import PEERS, peer_pass
-from router.replay import Dataset, Outcome, Prompt
+from router.engine import Candidate
+from router.replay.data import Dataset, Outcome, Prompt
+from router.replay.peers import PEERS, peer_pass
 
 N = 300
 CONTEXTUAL = ["mabwiser-linucb", "mabwiser-lints", "river-linucb-disjoint"]
@@ -43,6 +43,7 @@ def test_a_peer_runs_the_protocol_and_is_paid_only_its_choice(name):
     assert result.qualities.tolist() == [o.quality for o in chosen]
     assert result.costs.tolist() == [o.cost_usd for o in chosen]
     assert (result.decision_ms >= 0).all()
+    assert result.routed.tolist() == order.tolist()  # every prompt measured, in stream order (the references' prompts)
 
 
 @pytest.mark.parametrize("name", list(PEERS))

@@ -2,7 +2,7 @@
 
 What a user would run instead of our router: MABWiser's LinUCB and LinTS and river's LinUCBDisjoint
 (contextual, on the prompt embedding), and river's UCB and EpsilonGreedy (one arm per model, no context).
-Each pass follows `router.replay.replay_pass`: the order is `default_rng(seed).permutation(n)`, and each
+Each pass follows `router.replay.passes.replay_pass`: the order is `default_rng(seed).permutation(n)`, and each
 step the peer sees the prompt's embedding, picks a model and is then told only that model's reward.
 
 Configuration, kept as close to each library's defaults as the task allows:
@@ -31,7 +31,8 @@ import numpy as np
 from mabwiser.mab import MAB, LearningPolicy
 from river import bandit, preprocessing
 
-from router.replay import Dataset, PassResult
+from router.replay.data import Dataset
+from router.replay.passes import PassResult
 
 CONTEXT_DIMS = 64
 
@@ -122,7 +123,8 @@ def peer_pass(
     features = context_features(vectors, dims)
     peer = PEERS[name](arms, seed, features.shape[1])
     qualities, costs, timings, choices = [], [], [], []
-    for index in np.random.default_rng(seed).permutation(len(dataset.prompts)).tolist():
+    order = np.random.default_rng(seed).permutation(len(dataset.prompts))
+    for index in order.tolist():
         x = features[index]
         started = time.perf_counter()
         arm = peer.choose(x)
@@ -132,4 +134,4 @@ def peer_pass(
         qualities.append(outcome.quality)
         costs.append(outcome.cost_usd)
         choices.append(arm)
-    return PassResult(np.array(qualities), np.array(costs), np.array(timings), choices)
+    return PassResult(np.array(qualities), np.array(costs), np.array(timings), choices, order)

@@ -1,0 +1,92 @@
+"""Offline replay of recorded outcomes through the routing engine the service runs.
+
+Layout (imports point down only; nothing imports `peers` but the evaluation, lazily):
+- `data`: the routing files, their prices and cached embeddings.
+- `passes`: one online pass per seed through `router.engine.build_engine`'s engine (and predictor
+  training for `--train-fraction`).
+- `peers`: MABWiser and river on the same stream (imports `passes`, never the reverse).
+- `report`: references, reports, the comparison table, budget sweeps and RouteLLM metrics.
+- `plots`: matplotlib figures.
+`run` below is what `llm-router replay` calls.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from router.config import RouterConfig
+from router.evaluation import aiq
+from router.replay.data import Dataset, DatasetError, Outcome, Prompt, embed_dataset, load_dataset
+from router.replay.passes import PassResult, TrainFraction, replay_config, replay_pass, select_policies, shadow_names
+from router.replay.report import Evaluation, comparison_table, references, report
+
+__all__ = [
+    "Dataset", "DatasetError", "Evaluation", "Outcome", "PassResult", "Prompt", "TrainFraction", "comparison_table",
+    "embed_dataset", "load_dataset", "references", "replay_config", "replay_pass", "report", "run", "select_policies",
+]
+
+
+def run(
+    data: str | Path,
+    policies: list[str],
+    seeds: list[int],
+    budget_usd: float | None,
+    out: Path,
+    embedder: Any,
+    models: list[str] | None = None,
+    config: RouterConfig | None = None,
+    cache_dir: Path | None = None,
+    budgets: list[float] | None = None,
+    peers: bool = False,
+    train: TrainFraction | None = None,
+    shadows: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Replay `policies` (and peers) over `data` under `config` (`budget_usd`, when given, replacing its
+    budget target); write report.json per method, and for several a table and plots. `progress` is told
+    what runs next."""
+    config = replay_config(config, budget_usd)
+    dataset = load_dataset(data, models)
+    if progress:
+        progress(f"embedding {len(dataset.prompts)} prompts")
+    vectors = embed_dataset(data, dataset, embedder, cache_dir or Path.home() / ".cache" / "llm-router" / "embeddings")
+    evaluation = Evaluation(dataset, vectors, seeds, config, train, shadows)
+    two_models = len(dataset.models) == 2
+    sweep_budgets = budgets or (evaluation.two_model_budgets() if two_models else None)
+    methods = [(p, False) for p in policies]
+    if peers:
+        from router.replay.peers import PEERS
+
+        methods += [(p, True) for p in PEERS]
+    reports, runs = [], {}
+    for number, (method, peer) in enumerate(methods, 1):
+        if progress:
+            progress(f"{method} ({number}/{len(methods)})")
+        passes = evaluation.passes(method, peer)
+        result = report(dataset, method, seeds, passes, config, None if peer else train, peer=peer,
+                        shadows=shadow_names(config, method) if shadows and not peer else None)
+        if sweep_budgets:
+            result["budget_sweep"] = evaluation.sweep(method, peer, sweep_budgets)
+            if two_models:
+                result.update(evaluation.routellm_metrics(result["budget_sweep"]))
+        reports.append(result)
+        runs[method] = passes
+    if sweep_budgets:
+        max_cost = max(point["mean_cost_usd"] for r in reports for point in r["budget_sweep"])
+        for r in reports:
+            r["aiq"] = aiq([(p["mean_cost_usd"], p["mean_quality"]) for p in r["budget_sweep"]], max_cost)
+            r["aiq_max_cost_usd"] = max_cost
+    several = len(reports) > 1
+    for r in reports:
+        target = out / r["policy"] if several else out
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "report.json").write_text(json.dumps(r, indent=2))
+    if several:
+        from router.replay.plots import plot
+
+        (out / "comparison.md").write_text(comparison_table(reports))
+        plot(reports, runs, out)
+    return reports
