@@ -2,11 +2,10 @@
 
 import asyncio
 
+import numpy as np
 import pytest
 from sqlalchemy import func, select
 from sqlmodel import Session
-
-import numpy as np
 
 from policies import Arm
 from router.db import create_db_engine, migrate
