@@ -14,10 +14,10 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -52,6 +52,7 @@ from router.training import TrainingScheduler, recent_runs
 log = logging.getLogger("llm_router")
 
 ROUTER_STATE = "_router"  # snapshot row of the router-level state (pacing, answer lengths, shadow estimates)
+T = TypeVar("T")
 FEEDBACK_WAIT_S = 60.0  # how long feedback on a decision still being answered waits for its final write
 
 
@@ -383,12 +384,11 @@ class RouterService:
         await self._finish(routed, Finish("error", self._failures(routed), error=str(exhausted.last_error)))
         return self._terminal_error(routed, exhausted)
 
-    async def chat(self, request: RoutingRequest, tenant: str | None = None) -> tuple[dict[str, Any], Routed]:
-        """A routed completion: the backend's response body (as it sent it) and the decision."""
-        routed = await self.decide(request, "chat", tenant)
+    async def _call(self, routed: Routed, call: Callable[[BackendState], Awaitable[T]]) -> tuple[str, T]:
+        """`call` the decision's backends with failover; a decision that gets no answer is finished as an error."""
         try:
-            backend, result = await self.pool.call_with_failover(
-                routed.order, lambda state: state.client.chat(request.body), pinned=routed.pinned, failures=routed.failures,
+            return await self.pool.call_with_failover(
+                routed.order, call, pinned=routed.pinned, failures=routed.failures,
                 on_error=lambda error: self._on_backend_error(routed, error),
             )
         except FailoverExhausted as exhausted:
@@ -397,6 +397,11 @@ class RouterService:
             self.engine.record_failure(routed.decision_id)
             self._spawn(self._finish(routed, Finish("error", self._failures(routed), error="request cancelled")))
             raise
+
+    async def chat(self, request: RoutingRequest, tenant: str | None = None) -> tuple[dict[str, Any], Routed]:
+        """A routed completion: the backend's response body (as it sent it) and the decision."""
+        routed = await self.decide(request, "chat", tenant)
+        backend, result = await self._call(routed, lambda state: state.client.chat(request.body))
         self._record_answer(routed, backend, result.completion_tokens, result.cost_usd, result.latency_ms)
         await self._finish(routed, Finish(
             "ok", self._failures(routed), backend=backend, prompt_tokens=result.prompt_tokens,
@@ -421,17 +426,7 @@ class RouterService:
                 raise
             return events, usage, first
 
-        try:
-            backend, (events, usage, first) = await self.pool.call_with_failover(
-                routed.order, open_stream, pinned=routed.pinned, failures=routed.failures,
-                on_error=lambda error: self._on_backend_error(routed, error),
-            )
-        except FailoverExhausted as exhausted:
-            raise await self._fail(routed, exhausted) from None
-        except BaseException:
-            self.engine.record_failure(routed.decision_id)
-            self._spawn(self._finish(routed, Finish("error", self._failures(routed), error="request cancelled")))
-            raise
+        backend, (events, usage, first) = await self._call(routed, open_stream)
         routed.record.backend = backend
         return self._relay(routed, backend, first, events, usage), routed
 
