@@ -27,15 +27,6 @@ log = logging.getLogger("llm_router")
 PINNED = "pinned"  # the `policy` of a decision the client pinned to a backend
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """A backend the engine may choose, with its prices."""
-
-    name: str
-    price_per_1m_input_tokens_usd: float
-    price_per_1m_output_tokens_usd: float
-
-
 @dataclass
 class DecisionRecord:
     """The engine's decision, and everything needed to learn from it later (stored with it, so also
@@ -184,7 +175,7 @@ class RoutingEngine:
         memory_id: int,
         embedding: np.ndarray,
         prompt_tokens: int,
-        candidates: list[Candidate],
+        candidates: list[Arm],
         *,
         policy: str | None = None,
         pinned: str | None = None,
@@ -193,7 +184,8 @@ class RoutingEngine:
         spend_limit: SpendLimit | None = None,
         predictions: Predictions | None = None,
     ) -> DecisionRecord:
-        """Choose a backend, remember the query, and reserve the predicted cost with the pacer.
+        """Choose among `candidates` (backends with their prices; the engine predicts their costs),
+        remember the query, and reserve the predicted cost with the pacer.
 
         `max_cost_usd` is a soft cap (the cheapest backend is used when none fits). `spend_limit` is
         hard: a backend whose worst case (the whole `output_limit` generated) does not fit it is not a

@@ -24,12 +24,12 @@ import numpy as np
 from backends.breaker import BreakerSettings
 from backends.client import BackendError, BackendSpec, StreamUsage
 from backends.pool import BackendPool, BackendState, FailoverExhausted, Failure
-from policies import PREDICTED_POLICIES, Policy, Predictions
+from policies import PREDICTED_POLICIES, Arm, Policy, Predictions
 from router.budget import SpendLedger, period_start
 from router.config import BackendConfig, RouterConfig
 from router.db import create_db_engine, migrate
 from router.embedding import Embedder, TextBatcher
-from router.engine import PINNED, Candidate, DecisionRecord, build_engine
+from router.engine import PINNED, DecisionRecord, build_engine
 from router.errors import BadGateway, BadRequest, Conflict, Forbidden, GatewayTimeout, NotFound, ServiceUnavailable, UpstreamClientError
 from router.memory import Memory
 from router.metrics import RouterMetrics
@@ -303,7 +303,7 @@ class RouterService:
         vector, predictions = await asyncio.gather(self.embed(request.query), self._predict(request.query))
         cap = request.max_cost_usd if request.max_cost_usd is not None else (self.config.budget.default_max_cost_usd or None)
         candidates = [
-            Candidate(n, self.pool.state(n).spec.price_per_1m_input_tokens_usd, self.pool.state(n).spec.price_per_1m_output_tokens_usd)
+            Arm(n, self.pool.state(n).spec.price_per_1m_input_tokens_usd, self.pool.state(n).spec.price_per_1m_output_tokens_usd)
             for n in names
         ]
         decision_id = "dec_" + uuid.uuid4().hex

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from router.engine import Candidate
+from policies import Arm
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Dataset:
 
     name: str
     prompts: list[Prompt]
-    models: list[Candidate]
+    models: list[Arm]
 
     @property
     def model_names(self) -> list[str]:
@@ -79,12 +79,12 @@ def load_dataset(path: str | Path, models: list[str] | None = None) -> Dataset:
     return Dataset(path.name, prompts, _prices(path, prompts, names))
 
 
-def _prices(path: Path, prompts: list[Prompt], names: list[str]) -> list[Candidate]:
+def _prices(path: Path, prompts: list[Prompt], names: list[str]) -> list[Arm]:
     models_file = path.with_name(path.name.replace("_routing.jsonl", "_models.json"))
-    known: dict[str, Candidate] = {}
+    known: dict[str, Arm] = {}
     if models_file.exists() and models_file != path:
         for model in json.loads(models_file.read_text()).get("models", []):
-            known[model["name"]] = Candidate(model["name"], float(model["price_per_1m_input_tokens_usd"]), float(model["price_per_1m_output_tokens_usd"]))
+            known[model["name"]] = Arm(model["name"], float(model["price_per_1m_input_tokens_usd"]), float(model["price_per_1m_output_tokens_usd"]))
     candidates = []
     for name in names:
         if name in known:
@@ -92,11 +92,11 @@ def _prices(path: Path, prompts: list[Prompt], names: list[str]) -> list[Candida
             continue
         per_token = [p.outcomes[name].cost_usd / max(p.prompt_tokens + (p.outcomes[name].output_tokens or 0), 1) for p in prompts]
         price = float(np.median(per_token)) * 1e6
-        candidates.append(Candidate(name, price, price))
+        candidates.append(Arm(name, price, price))
     return candidates
 
 
-def output_tokens(outcome: Outcome, prompt: Prompt, price: Candidate) -> float:
+def output_tokens(outcome: Outcome, prompt: Prompt, price: Arm) -> float:
     """Recorded answer length, or the length the recorded cost implies (data that bills input only -> 0)."""
     if outcome.output_tokens is not None:
         return outcome.output_tokens

@@ -7,7 +7,7 @@ import pytest
 from policies import Arm, registry
 from router.budget import BudgetPacer, OutputLengthModel
 from router.config import load_config
-from router.engine import Candidate, DecisionRecord, RoutingEngine, build_engine
+from router.engine import DecisionRecord, RoutingEngine, build_engine
 from router.memory import Memory
 from tests.conftest import backend_table, write_config
 
@@ -76,7 +76,7 @@ def test_every_policy_learns_although_one_raises():
 
     engine.policies["qlearning"].learn = broken
     for i in range(3):
-        record = engine.decide(f"d{i}", i, _vector(i), 10, [Candidate("a", 1.0, 2.0), Candidate("b", 2.0, 4.0)])
+        record = engine.decide(f"d{i}", i, _vector(i), 10, [Arm("a", 1.0, 2.0), Arm("b", 2.0, 4.0)])
         engine.record_outcome(record.decision_id, record.chosen, 1e-5, 5)
         engine.learn(record, _vector(i), 0.5)
     stats = engine.stats()
@@ -90,7 +90,7 @@ def test_every_policy_learns_although_one_raises():
 def test_pacing_counts_a_running_call_so_a_second_one_takes_the_cheap_backend():
     engine = _engine("fixed", pacer=BudgetPacer(target_usd_per_query=1.0), fixed={"backend": "dear"})
     engine.output_lengths = OutputLengthModel(default_tokens=100)
-    dear, cheap = Candidate("dear", 0.0, 9000.0), Candidate("cheap", 0.0, 2000.0)  # 0.9 and 0.2 USD per answer
+    dear, cheap = Arm("dear", 0.0, 9000.0), Arm("cheap", 0.0, 2000.0)  # 0.9 and 0.2 USD per answer
     first = engine.decide("d1", 1, _vector(1), 10, [dear, cheap])
     assert first.chosen == "dear" and first.predicted_cost_usd == pytest.approx(0.9)
     second = engine.decide("d2", 2, _vector(2), 10, [dear, cheap])

@@ -5,7 +5,7 @@ import pytest
 from mabwiser.mab import MAB
 from river import bandit
 
-from router.engine import Candidate
+from policies import Arm
 from router.replay.data import Dataset, Outcome, Prompt
 from router.replay.peers import PEERS, peer_pass
 
@@ -26,7 +26,7 @@ def _stream(quality: dict[str, float] | list[dict[str, float]], cost: dict[str, 
         q = quality[clusters[i]] if clusters is not None else quality
         outcomes = {m: Outcome(float(rng.random() < q[m]), cost[m], 10.0) for m in cost}
         prompts.append(Prompt(f"p{i}", "", 100, outcomes))
-    return Dataset("synthetic", prompts, [Candidate(m, cost[m], cost[m]) for m in cost]), vectors
+    return Dataset("synthetic", prompts, [Arm(m, cost[m], cost[m]) for m in cost]), vectors
 
 
 def _last_third(choices: list[str]) -> list[str]:

@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from policies import PREDICTED_POLICIES, registry
+from policies import PREDICTED_POLICIES, Arm, registry
 from router.config import load_config
-from router.engine import Candidate
 from router.replay import run
 from router.replay.data import Dataset, Outcome, Prompt, embed_dataset, embedding_cache_file, load_dataset
 from router.replay.passes import TrainFraction, replay_config, replay_pass, select_policies
@@ -19,7 +18,7 @@ from router.replay.report import PEER_NOTE, comparison_table, references, report
 
 ROWS = [json.loads(line) for line in (Path(__file__).parent.parent / "data" / "two_kinds.jsonl").read_text().splitlines()]
 LEARNING = [n for n in registry.names() if n not in ("random", "fixed")]
-MODELS = [Candidate("small", 0.1, 0.1), Candidate("medium", 0.5, 0.5), Candidate("large", 2.0, 2.0)]
+MODELS = [Arm("small", 0.1, 0.1), Arm("medium", 0.5, 0.5), Arm("large", 2.0, 2.0)]
 QUALITY = {"math": {"small": 0.2, "medium": 0.7, "large": 0.9}, "code": {"small": 0.6, "medium": 0.65, "large": 0.8}}
 TARGET = 6e-5  # between medium (5e-5) and large (2e-4) per query: the unconstrained best is over budget
 
@@ -224,7 +223,7 @@ HAND = [  # two models, hand-checked references below
 
 def _hand(n: int = 4) -> Dataset:
     prompts = [Prompt(f"p{i}", f"prompt {i}", 10, HAND[i % 4]) for i in range(n)]
-    return Dataset("hand", prompts, [Candidate("m1", 1, 1), Candidate("m2", 2, 2)])
+    return Dataset("hand", prompts, [Arm("m1", 1, 1), Arm("m2", 2, 2)])
 
 
 def test_references_on_a_hand_checked_case():
