@@ -63,7 +63,7 @@ def test_snapshot_restored_in_a_fresh_process_learns_on_identically():
 @pytest.mark.parametrize(
     "options",
     [{"exploration": "ucb"}, {"epsilon": 1.5}, {"gamma_scale": 0}, {"learning_rate": -0.1},
-     {"learning_rate": float("inf")}, {"quadratic": "yes"}, {"passes": 3}],
+     {"learning_rate": float("inf")}, {"quadratic": "yes"}, {"passes": 3}, {"max_importance_weight": 0}],
 )
 def test_bad_option_is_rejected(options):
     with pytest.raises(PolicyError):
@@ -104,17 +104,19 @@ def test_a_rare_logged_choice_moves_the_model_more_than_a_likely_one(position):
     assert 0.0 < moved[0.9] < moved[0.1] - 0.1
 
 
-def test_importance_weight_is_clipped():
-    """Below 1 / (10 K) a propensity counts as 1 / (10 K): one sample logged at the 1e-3 floor weighs
-    10x a uniform one, not ~333x."""
+@pytest.mark.parametrize("cap, clipped_below", [(10.0, 0.02), (1.0, 1 / 3)])
+def test_importance_weight_is_clipped(cap, clipped_below):
+    """Below 1 / (cap K) a propensity counts as 1 / (cap K): with cap 10 one sample logged at the 1e-3
+    floor weighs 10x a uniform one, not ~333x; with the default cap 1 no sample weighs more than a
+    uniform logger's, while an over-sampled backend (p = 0.9) still weighs less."""
     arms = ("x", "y", "z")
     scores = {}
-    for propensity in (1e-3, 0.02, 0.5):
-        policy = registry.create("vw")
+    for propensity in (1e-3, clipped_below, 0.9):
+        policy = registry.create("vw", max_importance_weight=cap)
         policy.learn(Feedback(_context(0, arms), "z", 1.0, propensity))
         scores[propensity] = policy.score(_context(0, arms)).scores["z"]
-    assert scores[1e-3] == pytest.approx(scores[0.02], abs=1e-9)
-    assert scores[0.02] > scores[0.5] + 0.05
+    assert scores[1e-3] == pytest.approx(scores[clipped_below], abs=1e-9)
+    assert scores[clipped_below] > scores[0.9] + 0.05
 
 
 def _learn_logged_stream(order: tuple[str, ...]) -> list[dict[str, float]]:
@@ -129,7 +131,7 @@ def _learn_logged_stream(order: tuple[str, ...]) -> list[dict[str, float]]:
     def context(seed: int) -> Context:
         return Context(_context(seed).embedding, 40, tuple(Arm(name, 1.0, 2.0, costs[name]) for name in order))
 
-    policy = registry.create("vw", seed=1)
+    policy = registry.create("vw", seed=1, max_importance_weight=10)
     for step in range(20):
         arm = "rare" if step == 7 else ("a", "b")[step % 2]
         policy.learn(Feedback(context(step), arm, rewards[arm], logger[arm]))
