@@ -190,6 +190,30 @@ class LimitsConfig(_Strict):
     )
 
 
+MODES = ("route", "cascade", "parallel", "fuse", "refine", "s2p")
+Mode = Literal["route", "cascade", "parallel", "fuse", "refine", "s2p"]
+
+
+class AnswersConfig(_Strict):
+    """Whether answer texts are kept with decisions (they train the answer scorer). Off by default: privacy."""
+
+    store: bool = Field(default=False, description="Keep delivered and candidate answers with their decision.")
+    retention_days: float = Field(default=30.0, gt=0, description="Stored answers older than this are erased.")
+
+
+class ModesConfig(_Strict):
+    """Answer-aware modes: how many calls, and when a cascade stops."""
+
+    default: Mode = Field(default="route", description="Mode of a request that names none.")
+    cascade_threshold: float = Field(
+        default=0.5, ge=0, le=1, description="A cascade stops at the first answer scored at least this (lambda raises it)."
+    )
+    cascade_max_calls: int = Field(default=3, ge=1, le=16)
+    parallel_k: int = Field(default=2, ge=2, le=16, description="Backends asked at once by parallel, fuse and s2p.")
+    fuser: str = Field(default="", description="Backend that writes the fused answer; empty: the best-scored candidate's.")
+    refiner: str = Field(default="", description="Backend that refines a draft; empty: the policy's next choice.")
+
+
 class RouterConfig(_Strict):
     database_url: str = "sqlite:///var/llm-router.db"
     auto_migrate: bool = Field(default=True, description="Upgrade the database schema at start.")
@@ -207,6 +231,8 @@ class RouterConfig(_Strict):
     predictors: PredictorsConfig = PredictorsConfig()
     auth: AuthConfig = AuthConfig()
     limits: LimitsConfig = LimitsConfig()
+    answers: AnswersConfig = AnswersConfig()
+    modes: ModesConfig = ModesConfig()
     backends: list[BackendConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -225,9 +251,10 @@ class RouterConfig(_Strict):
         unknown_options = [p for p in self.policy_options if p not in registry.names()]
         if unknown_options:
             raise ValueError(f"policy_options: unknown policies {unknown_options}")
-        for field, name in (("hybrid_small", self.predictors.hybrid_small), ("hybrid_large", self.predictors.hybrid_large)):
+        for field, name in (("predictors.hybrid_small", self.predictors.hybrid_small), ("predictors.hybrid_large", self.predictors.hybrid_large),
+                            ("modes.fuser", self.modes.fuser), ("modes.refiner", self.modes.refiner)):
             if name and name not in names:
-                raise ValueError(f"predictors.{field}: unknown backend {name!r}; backends: {names}")
+                raise ValueError(f"{field}: unknown backend {name!r}; backends: {names}")
         return self
 
     @property

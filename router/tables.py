@@ -59,6 +59,30 @@ class DecisionRow(SQLModel, table=True):
     completion_tokens: int | None = None
     cost_usd: float | None = None
     latency_ms: float | None = None
+    mode: str = Field(default="route", max_length=16, description="route | cascade | parallel | fuse | refine | s2p")
+    answer: str | None = Field(default=None, sa_column=Column(Text, nullable=True), description="Delivered answer, when stored.")
+
+
+class DecisionCall(SQLModel, table=True):
+    """One backend call made for a decision: several in the answer-aware modes, each with its role."""
+
+    __tablename__ = "decision_calls"
+    __table_args__ = (UniqueConstraint("decision_id", "position", name="uq_decision_call"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    decision_id: str = Field(foreign_key="decisions.id", max_length=64, index=True)
+    position: int
+    role: str = Field(max_length=16, description="answer | draft | candidate | refine | fuse")
+    backend: str = Field(max_length=64)
+    status: str = Field(max_length=16, description="ok | error")
+    delivered: bool = False
+    score: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost_usd: float | None = None
+    latency_ms: float | None = None
+    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    answer: str | None = Field(default=None, sa_column=Column(Text, nullable=True), description="Stored only when answers are kept.")
 
 
 class Reward(SQLModel, table=True):
@@ -113,6 +137,7 @@ class ImportedOutcome(SQLModel, table=True):
     quality: float
     output_tokens: int | None = None
     cost_usd: float | None = None
+    answer: str | None = Field(default=None, sa_column=Column(Text, nullable=True), description="The model's answer text, if the file had one.")
     imported_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
 
 
