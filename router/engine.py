@@ -33,8 +33,9 @@ class DecisionRecord:
     after a restart).
 
     `chosen` is the deciding policy's pick and `propensity` its probability. `backend` is the backend
-    that answered: the chosen one, or another after a failover (None until an answer came). `shadow`
-    holds every policy's probabilities over the candidates (the deciding one's included).
+    whose answer was delivered: the chosen one, another after a failover, or the one an answer-aware
+    mode selected (None until an answer came). `shadow` holds every policy's probabilities over the
+    candidates (the deciding one's included).
     """
 
     decision_id: str
@@ -49,6 +50,7 @@ class DecisionRecord:
     shadow: dict[str, dict[str, float]] = field(default_factory=dict)  # policy -> probabilities
     shadow_choices: dict[str, str] = field(default_factory=dict)  # policy -> backend it would have chosen
     backend: str | None = None
+    mode: str = "route"  # route: one call; the answer-aware modes (router.modes) make several
     # known when deciding, not needed to learn (not stored in the learning columns)
     scores: dict[str, float] = field(default_factory=dict)
     fallbacks: list[str] = field(default_factory=list)  # other candidates, best score first: where a failed call goes
@@ -124,7 +126,9 @@ class ShadowEstimate:
     """Off-policy value of a policy from logged decisions it did not necessarily make (IPS, SNIPS).
 
     Decisions answered by a failover backend are left out (`excluded_failover`): the answering
-    backend's logging probability is not known exactly, so they would bias the estimate.
+    backend's logging probability is not known exactly, so they would bias the estimate. So are
+    decisions of the answer-aware modes (`excluded_multi_call`): what they delivered depended on
+    answers, not on the policy's probabilities alone.
     """
 
     rewards: int = 0
@@ -132,6 +136,7 @@ class ShadowEstimate:
     weight_sum: float = 0.0
     matches: int = 0
     excluded_failover: int = 0
+    excluded_multi_call: int = 0
 
     def add(self, reward: float, policy_probability: float, logged_propensity: float, matched: bool) -> None:
         ratio = policy_probability / logged_propensity
@@ -145,6 +150,7 @@ class ShadowEstimate:
             "rewards": self.rewards,
             "matching_decisions": self.matches,
             "excluded_failover": self.excluded_failover,
+            "excluded_multi_call": self.excluded_multi_call,
             "ips": self.ips_sum / self.rewards if self.rewards else None,
             "snips": self.ips_sum / self.weight_sum if self.weight_sum else None,
         }
@@ -288,6 +294,15 @@ class RoutingEngine:
             entry.backend = backend
             entry.output_tokens = output_tokens
 
+    def observe_answer_length(self, backend: str, output_tokens: float) -> None:
+        """An answer that was not delivered (another call of a multi-call decision) still tells its length."""
+        self.output_lengths.observe(backend, output_tokens)
+
+    def quality_estimates(self, policy: str) -> dict[str, float]:
+        """Mean reward per backend as `policy` has learned it (what the cascade orders backends by)."""
+        chosen = self.policies.get(policy) or self.policies[self.active]
+        return {backend: mean for backend, arm in chosen.stats()["arms"].items() if (mean := arm["mean_reward"]) is not None}
+
     def record_failure(self, decision_id: str) -> None:
         """No backend answered: nothing spent."""
         self.pacer.release(decision_id)
@@ -329,6 +344,9 @@ class RoutingEngine:
             return
         for name, probabilities in record.shadow.items():
             if name not in self.shadow:
+                continue
+            if record.mode != "route":
+                self.shadow[name].excluded_multi_call += 1
                 continue
             if record.failed_over:
                 self.shadow[name].excluded_failover += 1

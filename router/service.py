@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import numpy as np
@@ -33,6 +34,9 @@ from router.engine import PINNED, DecisionRecord, build_engine
 from router.errors import BadGateway, BadRequest, Conflict, Forbidden, GatewayTimeout, NotFound, ServiceUnavailable, UpstreamClientError
 from router.memory import Memory
 from router.metrics import RouterMetrics
+from router.modes import ROUTE, Call, Plan, agreement, answer_text
+from router.modes import plan as plan_calls
+from router.modes import run as run_mode
 from router.predicting import PredictorSet
 from router.store import (
     Finish,
@@ -45,6 +49,7 @@ from router.store import (
     add_reward,
     finish_decision,
     load_decision,
+    purge_answers,
     write_snapshot,
 )
 from router.training import TrainingScheduler, recent_runs
@@ -54,6 +59,7 @@ log = logging.getLogger("llm_router")
 ROUTER_STATE = "_router"  # snapshot row of the router-level state (pacing, answer lengths, shadow estimates)
 T = TypeVar("T")
 FEEDBACK_WAIT_S = 60.0  # how long feedback on a decision still being answered waits for its final write
+ANSWER_PURGE_EVERY_S = 3600.0
 
 
 def backend_spec(config: BackendConfig) -> BackendSpec:
@@ -84,6 +90,9 @@ class RoutingRequest:
     body: dict[str, Any]  # what a backend is sent
     policy: str | None = None
     max_cost_usd: float | None = None
+    mode: str | None = None  # None: the config's default mode
+
+
 
 
 @dataclass
@@ -94,8 +103,10 @@ class Routed:
     kind: str  # chat | route
     tenant: str | None
     pinned: bool
+    plan: Plan
     failures: list[Failure] = field(default_factory=list)  # each failed or skipped backend, with its reason
-    cost_usd: float | None = None  # the answer's real cost, once known
+    cost_usd: float | None = None  # the answer's real cost (every call's), once known
+    calls: list[Call] = field(default_factory=list)  # an answer-aware mode's calls
 
     @property
     def decision_id(self) -> str:
@@ -149,8 +160,11 @@ class RouterService:
         self._since_snapshot = 0
         self._answering: dict[str, asyncio.Future[None]] = {}  # chat decisions whose final write is pending
         self.spend = SpendLedger(config.auth.keys)
-        self.predictors = self._predictor_set()
-        self._predict_batcher = TextBatcher(self.predictors.predict, name="predict") if self.predictors else None
+        self.predictors = PredictorSet(config.predictors.artifacts_dir, [b.name for b in config.backends])
+        self.predictors.reload()
+        # Only when a predictor policy runs: it costs an encoder pass per query.
+        self._predicting = bool(set(PREDICTED_POLICIES) & set(config.policy_names))
+        self._predict_batcher = TextBatcher(self.predictors.predict, name="predict") if self._predicting else None
         self.training: TrainingScheduler | None = None
         self._load_memory()
         self._restore_state()
@@ -179,14 +193,6 @@ class RouterService:
         for ids, vectors, entries in self.store.memory_rows(self.embedder.name):
             self.memory.add(ids, vectors, entries)
         self.metrics.memory_size.set(len(self.memory))
-
-    def _predictor_set(self) -> PredictorSet | None:
-        """Only when a predictor policy runs: it costs an encoder pass per query."""
-        if not set(PREDICTED_POLICIES) & set(self.config.policy_names):
-            return None
-        predictors = PredictorSet(self.config.predictors.artifacts_dir, [b.name for b in self.config.backends])
-        predictors.reload()
-        return predictors
 
     def _load_spend(self) -> None:
         for tenant, key in self.spend.budgeted().items():
@@ -227,18 +233,20 @@ class RouterService:
     async def start(self) -> None:
         await self.check_backends()
         self._health_task = asyncio.create_task(self._health_loop())
-        if self.predictors is not None:
+        if self._predicting or self.config.answers.store:  # predictor policies, or answers to train the scorer on
             self.training = TrainingScheduler(self.config, self._trained)
             self.training.start()
 
     async def train(self, trigger: str = "api") -> list[dict[str, Any]]:
         """One predictor training run now (in the worker process), then the hot swap."""
         if self.training is None:
-            raise BadRequest(f"no predictor policy ({', '.join(PREDICTED_POLICIES)}) runs in this router; nothing to train")
+            raise BadRequest(
+                f"no predictor policy ({', '.join(PREDICTED_POLICIES)}) runs and answers are not stored (answers.store); nothing to train"
+            )
         return await self.training.run(trigger)
 
     async def _trained(self, runs: list[dict[str, Any]]) -> None:
-        if self.predictors is not None and any(run["promoted"] for run in runs):
+        if any(run["promoted"] for run in runs):
             await asyncio.to_thread(self.predictors.reload)
 
     async def close(self) -> None:
@@ -264,12 +272,21 @@ class RouterService:
             self.metrics.backend_up.labels(name).set(1 if self.pool.state(name).healthy else 0)
 
     async def _health_loop(self) -> None:
+        purged = 0.0
         while True:
             await asyncio.sleep(self.config.health.interval_s)
             try:
                 await self.check_backends()
+                if self.config.answers.store and time.monotonic() - purged > ANSWER_PURGE_EVERY_S:
+                    purged = time.monotonic()
+                    await self.purge_answers()
             except Exception:  # a failed round must not stop later ones
                 log.exception("backend health check failed")
+
+    async def purge_answers(self) -> int:
+        """Erase stored answers older than the retention period (runs hourly while answers are stored)."""
+        before = datetime.now(UTC) - timedelta(days=self.config.answers.retention_days)
+        return await self.writer.submit(lambda session: purge_answers(session, before))
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)
@@ -282,7 +299,7 @@ class RouterService:
         return await self._embed_batcher.one(text)
 
     async def _predict(self, query: str) -> Predictions | None:
-        if self._predict_batcher is None or self.predictors is None or not self.predictors.ready:
+        if self._predict_batcher is None or not self.predictors.ready:
             return None
         return await self._predict_batcher.one(query)
 
@@ -296,7 +313,7 @@ class RouterService:
         pinned = request.model if request.model != "auto" else None
         if pinned is not None and pinned not in self.pool:
             raise NotFound(f"unknown backend {pinned!r}; use \"auto\" or one of {self.pool.names()}")
-        names = [pinned] if pinned else [s.spec.name for s in self.pool.eligible()]
+        names = [pinned] if pinned else [s.spec.name for s in self.pool.eligible(estimate_tokens(request.prompt))]
         if not names:
             raise ServiceUnavailable("no backend available: every backend's circuit breaker is open after failures")
 
@@ -308,12 +325,18 @@ class RouterService:
         ]
         decision_id = "dec_" + uuid.uuid4().hex
         memory_id = uuid.uuid4().int >> 65  # 63 bits: a positive int64 id for FAISS
+        limit = self.spend.limit(tenant)
         record = self.engine.decide(
             decision_id, memory_id, vector, estimate_tokens(request.prompt), candidates, policy=policy_name, pinned=pinned,
-            max_cost_usd=cap, output_limit=request.output_limit, spend_limit=self.spend.limit(tenant), predictions=predictions,
+            max_cost_usd=cap, output_limit=request.output_limit, spend_limit=limit, predictions=predictions,
         )
-        self.spend.reserve(tenant, decision_id, record.worst_case_usd)
-        routed = Routed(record, kind, tenant, pinned is not None)
+        plan = self._plan(request, record, kind, cap, pinned is not None)
+        if limit is not None and plan.worst_case_usd > limit.remaining_usd:  # every call must fit: fall back to one
+            plan = self._plan(request, record, "route", cap, True)
+        record.mode = plan.mode
+        self.spend.reserve(tenant, decision_id, plan.worst_case_usd)
+        self.engine.pacer.reserve(decision_id, plan.predicted_usd)
+        routed = Routed(record, kind, tenant, pinned is not None, plan)
         new = NewDecision(record, kind, tenant, request.model, request.query, (time.perf_counter() - started) * 1000, memory_id,
                           self.embedder.name, vector)
         if kind == "chat":
@@ -332,6 +355,12 @@ class RouterService:
         self.metrics.decisions.labels(record.policy, record.chosen, kind).inc()
         self.metrics.decision_seconds.observe(time.perf_counter() - started)
         return routed
+
+    def _plan(self, request: RoutingRequest, record: DecisionRecord, kind: str, cap: float | None, pinned: bool) -> Plan:
+        """The calls the request's mode will make (`/v1/route` decides one backend: always `route`)."""
+        mode = (request.mode or self.config.modes.default) if kind == "chat" else ROUTE
+        quality = self.engine.quality_estimates(record.policy) if mode == "cascade" else {}
+        return plan_calls(mode, record, self.config.modes, quality, request.output_limit, cap, pinned)
 
     async def route(self, request: RoutingRequest, tenant: str | None = None) -> Routed:
         return await self.decide(request, "route", tenant)
@@ -372,8 +401,9 @@ class RouterService:
         routed.record.backend = backend
         routed.cost_usd = cost_usd
         self.engine.record_outcome(routed.decision_id, backend, cost_usd, completion_tokens)
-        self.metrics.requests.labels(backend, "ok").inc()
-        self.metrics.cost.labels(backend).inc(cost_usd)
+        if routed.plan.mode == ROUTE:  # a mode counts each of its calls as it makes them
+            self.metrics.requests.labels(backend, "ok").inc()
+            self.metrics.cost.labels(backend).inc(cost_usd)
         self.metrics.backend_seconds.labels(backend).observe(latency_ms / 1000)
 
     def _failures(self, routed: Routed) -> list[dict[str, Any]]:
@@ -401,13 +431,98 @@ class RouterService:
     async def chat(self, request: RoutingRequest, tenant: str | None = None) -> tuple[dict[str, Any], Routed]:
         """A routed completion: the backend's response body (as it sent it) and the decision."""
         routed = await self.decide(request, "chat", tenant)
+        if routed.plan.mode != ROUTE:
+            return await self._answer_with_mode(routed, request), routed
         backend, result = await self._call(routed, lambda state: state.client.chat(request.body))
         self._record_answer(routed, backend, result.completion_tokens, result.cost_usd, result.latency_ms)
         await self._finish(routed, Finish(
             "ok", self._failures(routed), backend=backend, prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens, cost_usd=result.cost_usd, latency_ms=result.latency_ms,
+            answer=self._kept(answer_text(result.body)),
         ))
         return result.body, routed
+
+    def _kept(self, answer: str | None) -> str | None:
+        """Answer texts are stored only when configured (privacy)."""
+        return answer if self.config.answers.store else None
+
+    async def _call_for_mode(self, routed: Routed, backend: str, role: str, body: dict[str, Any]) -> Call:
+        """One call of a mode, failing over to candidates the plan does not already ask at this step."""
+        planned = {*routed.plan.first, *routed.plan.second}
+        order = [backend] if routed.pinned else [backend, *[b for b in routed.order if b not in planned]]
+        call = Call(0, role, backend)
+        started = time.perf_counter()
+        try:
+            answered_by, result = await self.pool.call_with_failover(
+                order, lambda state: state.client.chat(body), pinned=routed.pinned, failures=routed.failures,
+                on_error=lambda error: self._on_backend_error(routed, error),
+            )
+        except FailoverExhausted as exhausted:
+            call.status, call.error = "error", str(exhausted.last_error or exhausted)
+            call.latency_ms = (time.perf_counter() - started) * 1000
+            return call
+        call.backend, call.body, call.answer = answered_by, result.body, answer_text(result.body)
+        call.prompt_tokens, call.completion_tokens = result.prompt_tokens, result.completion_tokens
+        call.cost_usd, call.latency_ms = result.cost_usd, result.latency_ms
+        self.metrics.requests.labels(answered_by, "ok").inc()
+        self.metrics.cost.labels(answered_by).inc(result.cost_usd)
+        return call
+
+    async def _score_answers(self, query: str, answers: list[str]) -> tuple[list[float], str]:
+        """The answer scorer's scores when one is trained, else agreement among the answers."""
+        scores = await asyncio.to_thread(self.predictors.score, query, answers)
+        if scores is not None:
+            return list(scores), "scorer"
+        vectors = await asyncio.to_thread(self.embedder.embed, answers) if len(answers) > 1 else None
+        return agreement(answers, vectors), "agreement"
+
+    def _cascade_bar(self, record: DecisionRecord, next_backend: str) -> float | None:
+        """Stop before `next_backend` when an answer scores this much: the configured threshold, lowered by
+        lambda times that call's predicted cost in reward units. None: no scorer, no absolute score."""
+        if self.predictors.scorer is None:
+            return None
+        arm = next((a for a in record.arms if a.name == next_backend), None)
+        penalty = record.cost_weight * (arm.predicted_cost_usd if arm else 0.0) / record.cost_scale if record.cost_scale else 0.0
+        bar = self.config.modes.cascade_threshold
+        return bar - min(bar, penalty)
+
+    async def _answer_with_mode(self, routed: Routed, request: RoutingRequest) -> dict[str, Any]:
+        """Run an answer-aware mode: every call logged under the decision, the delivered answer's body back."""
+        started = time.perf_counter()
+        try:
+            result = await run_mode(
+                routed.plan, request.query, request.body,
+                lambda backend, role, body: self._call_for_mode(routed, backend, role, body),
+                self._score_answers, lambda backend: self._cascade_bar(routed.record, backend),
+            )
+        except BaseException:
+            self.engine.record_failure(routed.decision_id)
+            self._spawn(self._finish(routed, Finish("error", self._failures(routed), error="request cancelled")))
+            raise
+        routed.calls = result.calls
+        answered = [c for c in result.calls if c.status == "ok"]
+        routed.cost_usd = sum(c.cost_usd or 0.0 for c in answered)
+        latency_ms = (time.perf_counter() - started) * 1000
+        calls = tuple(replace_answer(c, self._kept(c.answer)) for c in result.calls)
+        delivered = result.delivered
+        if delivered is None or delivered.body is None:
+            exhausted = FailoverExhausted(None, routed.failures)
+            self.engine.record_failure(routed.decision_id)
+            await self._finish(routed, Finish("error", self._failures(routed), error="no call of the mode answered",
+                                              cost_usd=routed.cost_usd or None, latency_ms=latency_ms, calls=calls))
+            raise self._terminal_error(routed, exhausted)
+        for call in answered:
+            if call is not delivered and call.completion_tokens is not None:
+                self.engine.observe_answer_length(call.backend, call.completion_tokens)
+        self._record_answer(routed, delivered.backend, delivered.completion_tokens or 0, routed.cost_usd, latency_ms)
+        await self._finish(routed, Finish(
+            "ok", self._failures(routed), backend=delivered.backend, prompt_tokens=delivered.prompt_tokens,
+            completion_tokens=delivered.completion_tokens, cost_usd=routed.cost_usd, latency_ms=latency_ms,
+            answer=self._kept(delivered.answer), calls=calls,
+        ))
+        body = dict(delivered.body)
+        body["usage"] = _summed_usage(answered)
+        return body
 
     async def chat_stream(self, request: RoutingRequest, tenant: str | None = None) -> tuple[AsyncIterator[StreamEvent], Routed]:
         """Open the upstream stream (failing over before the first event), then relay its events.
@@ -416,6 +531,8 @@ class RouterService:
         relay with a `StreamError`, never a hang.
         """
         routed = await self.decide(request, "chat", tenant)
+        if routed.plan.mode != ROUTE:  # a mode must see whole answers: the delivered one streams once chosen
+            return _as_stream(await self._answer_with_mode(routed, request)), routed
 
         async def open_stream(state: BackendState) -> tuple[AsyncIterator[dict[str, Any] | None], StreamUsage, dict[str, Any] | None]:
             events, usage = await state.client.open_stream(request.body)
@@ -545,7 +662,7 @@ class RouterService:
     # -- inspection -------------------------------------------------------------------------------
 
     async def _predictor_stats(self) -> dict[str, Any] | None:
-        if self.predictors is None:
+        if self.training is None:
             return None
         return {
             "models": await asyncio.to_thread(self.predictors.describe),
@@ -576,3 +693,27 @@ class RouterService:
                 for name in self.pool.names()
             },
         }
+
+
+def replace_answer(call: Call, answer: str | None) -> Call:
+    """The call as logged: its answer text only when kept, and never the response body."""
+    return dataclasses.replace(call, answer=answer, body=None)
+
+
+def _summed_usage(calls: list[Call]) -> dict[str, int]:
+    """Usage of a multi-call answer: every call's tokens (what was paid for)."""
+    prompt = sum(c.prompt_tokens or 0 for c in calls)
+    completion = sum(c.completion_tokens or 0 for c in calls)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _as_stream(body: dict[str, Any]) -> AsyncIterator[StreamEvent]:
+    """A whole answer as chat-completion chunks: the content, the finish reason, the usage, the end."""
+    choice = (body.get("choices") or [{}])[0]
+    base = {"id": body.get("id", ""), "object": "chat.completion.chunk", "created": body.get("created", int(time.time())),
+            "model": body.get("model", "")}
+    content = (choice.get("message") or {}).get("content") or ""
+    yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": content}, "finish_reason": None}]}
+    yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": choice.get("finish_reason") or "stop"}]}
+    yield {**base, "choices": [], "usage": body.get("usage")}
+    yield None

@@ -18,13 +18,14 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, delete, func, select
+from sqlalchemy import Engine, delete, func, select, update
 from sqlmodel import Session
 
 from router.engine import DecisionRecord
 from router.errors import Conflict, NotFound
 from router.memory import MemoryEntry
-from router.tables import DecisionRow, PolicySnapshot, Preference, QueryEmbedding, Reward
+from router.modes import Call
+from router.tables import DecisionCall, DecisionRow, PolicySnapshot, Preference, QueryEmbedding, Reward
 
 log = logging.getLogger("llm_router")
 
@@ -46,7 +47,8 @@ class NewDecision:
 
 @dataclass(frozen=True, slots=True)
 class Finish:
-    """How a chat decision ended: answered (`ok`, by `backend`) or not (`error`)."""
+    """How a chat decision ended: answered (`ok`, delivered by `backend`) or not (`error`). `calls`: every
+    backend call of an answer-aware mode; `answer`: the delivered text, only when answers are kept."""
 
     status: str
     failed_backends: list[dict[str, Any]]
@@ -56,6 +58,8 @@ class Finish:
     completion_tokens: int | None = None
     cost_usd: float | None = None
     latency_ms: float | None = None
+    answer: str | None = None
+    calls: tuple[Call, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +98,7 @@ def _stored(row: DecisionRow) -> StoredDecision:
         {"candidates": row.candidates, "neighbours": row.neighbours, "cost_weight": row.cost_weight, "cost_scale": row.cost_scale,
          "shadow": row.shadow},
     )
+    record.mode = row.mode
     return StoredDecision(record, row.tenant, row.status, row.error, row.cost_usd, row.latency_ms)
 
 
@@ -106,7 +111,7 @@ def add_decision(session: Session, new: NewDecision) -> None:
         prompt_tokens_estimate=record.prompt_tokens, embedding_id=new.memory_id, policy=record.policy,
         backend=record.chosen, chosen_backend=record.chosen, propensity=record.propensity, scores=record.scores,
         predicted_cost_usd=record.predicted_cost_usd, max_cost_usd=record.max_cost_usd, over_budget=record.over_budget,
-        decision_ms=new.decision_ms, **record.columns(),
+        decision_ms=new.decision_ms, mode=record.mode, **record.columns(),
     ))
     session.flush()
 
@@ -117,9 +122,23 @@ def finish_decision(session: Session, decision_id: str, finish: Finish) -> None:
         raise NotFound(f"unknown decision_id {decision_id!r}")
     for name in finish.__slots__:
         value = getattr(finish, name)
-        if value is not None or name != "backend":
+        if name != "calls" and (value is not None or name != "backend"):
             setattr(row, name, value)
+    for call in finish.calls:
+        session.add(DecisionCall(
+            decision_id=decision_id, position=call.position, role=call.role, backend=call.backend, status=call.status,
+            delivered=call.delivered, score=call.score, prompt_tokens=call.prompt_tokens, completion_tokens=call.completion_tokens,
+            cost_usd=call.cost_usd, latency_ms=call.latency_ms, error=call.error, answer=call.answer,
+        ))
     session.flush()
+
+
+def purge_answers(session: Session, before: datetime) -> int:
+    """Erase the answer texts of decisions made before `before` (the retention period); returns how many."""
+    old = select(DecisionRow.id).where(DecisionRow.created_at < before)
+    session.execute(update(DecisionCall).where(DecisionCall.decision_id.in_(old), DecisionCall.answer.is_not(None)).values(answer=None))
+    result = session.execute(update(DecisionRow).where(DecisionRow.created_at < before, DecisionRow.answer.is_not(None)).values(answer=None))
+    return int(result.rowcount or 0)
 
 
 def load_decision(session: Session, decision_id: str) -> tuple[StoredDecision, np.ndarray | None]:

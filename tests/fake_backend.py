@@ -13,7 +13,8 @@ class FakeVLLM:
 
     `health_status` and `chat_status` say what it answers; `chat_delay_s` holds chat answers back (a hung
     backend); `cut_streams` makes a streamed answer stop after its first event, as when a server dies;
-    `stream_gap_s` is the pause between the events of a whole streamed answer.
+    `stream_gap_s` is the pause between the events of a whole streamed answer; `answer` is what it says;
+    `requests` holds every chat request body it received.
     A stand-in only for failures a real vLLM cannot be made to show on demand.
     """
 
@@ -24,6 +25,11 @@ class FakeVLLM:
         self.chat_delay_s = 0.0
         self.cut_streams = False
         self.stream_gap_s = 0.0
+        self.answer = "hi"
+        self.max_model_len: int | None = None  # reported in /v1/models as vLLM does, when set
+        self.extra_fields: dict[str, Any] = {}  # server-specific fields added to every completion and chunk
+        self.error_body: Any = None  # the body of a non-200 chat answer (default: OpenAI's error shape)
+        self.requests: list[dict[str, Any]] = []
         self.chats = 0
         self._stop = threading.Event()
         server = self
@@ -44,7 +50,10 @@ class FakeVLLM:
                 if self.path == "/health":
                     self._send(server.health_status, {})
                 elif self.path == "/v1/models":
-                    self._send(200, {"data": [{"id": server.model}]})
+                    card = {"id": server.model, "object": "model"}
+                    if server.max_model_len is not None:
+                        card["max_model_len"] = server.max_model_len
+                    self._send(200, {"object": "list", "data": [card]})
                 elif self.path == "/metrics":
                     self._send(200, "vllm:num_requests_running 1.0\nvllm:num_requests_waiting 0.0\n", "text/plain")
                 else:
@@ -53,6 +62,7 @@ class FakeVLLM:
             def do_POST(self) -> None:
                 request = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
                 server.chats += 1
+                server.requests.append(request)
                 if request.get("stream") and server.cut_streams:
                     self.send_response(200)
                     self.send_header("Content-Type", "text/event-stream")
@@ -66,7 +76,8 @@ class FakeVLLM:
                 if server.chat_delay_s:
                     server._stop.wait(server.chat_delay_s)
                 if server.chat_status != 200:
-                    self._send(server.chat_status, {"error": {"message": f"status {server.chat_status}"}})
+                    error = server.error_body if server.error_body is not None else {"error": {"message": f"status {server.chat_status}"}}
+                    self._send(server.chat_status, error)
                     return
                 if request.get("stream"):
                     self._stream()
@@ -74,8 +85,9 @@ class FakeVLLM:
                 self._send(
                     200,
                     {
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": server.answer}, "finish_reason": "stop"}],
                         "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+                        **server.extra_fields,
                     },
                 )
 
@@ -85,11 +97,12 @@ class FakeVLLM:
                 self.send_header("Connection", "close")
                 self.end_headers()
                 chunks = [
-                    {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "hi"}, "finish_reason": None}]},
+                    {"choices": [{"index": 0, "delta": {"role": "assistant", "content": server.answer}, "finish_reason": None}]},
                     {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
                     {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}},
                 ]
                 for chunk in chunks:
+                    chunk.update(server.extra_fields)
                     self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                     self.wfile.flush()
                     server._stop.wait(server.stream_gap_s)

@@ -13,7 +13,10 @@ class RouterOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     policy: str | None = Field(default=None, description="Policy that routes this request (default: active).")
-    max_cost_usd: float | None = Field(default=None, ge=0, description="Per-request cost cap in USD.")
+    max_cost_usd: float | None = Field(default=None, ge=0, description="Per-request cost cap in USD (every call of a mode counts).")
+    mode: Literal["route", "cascade", "parallel", "fuse", "refine", "s2p"] | None = Field(
+        default=None, description="Answer-aware mode (default: the config's modes.default)."
+    )
 
 
 class ChatMessage(BaseModel):
@@ -65,6 +68,18 @@ class ChatCompletionRequest(BaseModel):
         return self.max_completion_tokens or self.max_tokens
 
 
+class CallInfo(BaseModel):
+    """One backend call of an answer-aware mode."""
+
+    role: str = Field(description="candidate | draft | refine | fuse")
+    backend: str
+    status: str
+    delivered: bool
+    score: float | None = None
+    cost_usd: float | None = None
+    latency_ms: float | None = None
+
+
 class RouterInfo(BaseModel):
     """The response's `router` object: the decision as the client sees it."""
 
@@ -79,6 +94,8 @@ class RouterInfo(BaseModel):
     over_budget: bool = Field(description="No backend fitted the cap; the cheapest was chosen.")
     failed_backends: list[str] = Field(default_factory=list)
     scores: dict[str, float] = Field(default_factory=dict)
+    mode: str = "route"
+    calls: list[CallInfo] = Field(default_factory=list, description="Every call of an answer-aware mode (empty for route).")
 
 
 class RouteResponse(BaseModel):
@@ -116,9 +133,25 @@ class RewardResponse(BaseModel):
 
 
 class ErrorBody(BaseModel):
+    """OpenAI's error object: `type` is the kind of error, `code` a string naming the case."""
+
     message: str
     type: str
-    code: int
+    code: str | None = None
+
+
+class ModelCard(BaseModel):
+    """One entry of `GET /v1/models`, in OpenAI's shape."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "llm-router"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
 
 
 class ErrorResponse(BaseModel):
