@@ -19,6 +19,31 @@ import httpx
 
 VLLM_QUEUE_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
 
+# A request body key the router sets (never sent upstream): the body's `max_tokens` is the router's default
+# (the client asked none), so each backend lowers it to what fits its context.
+FIT_MAX_TOKENS = "_router_fit_max_tokens"
+CONTEXT_MARGIN_TOKENS = 4  # per message: the chat template's role markers, on top of the text's estimate
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """A chat message's text: the string content, or its text parts joined by spaces."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict) and part.get("type") == "text")
+    return ""
+
+
+def estimate_tokens(text: str) -> int:
+    """Rough token count (characters / 4): prices a prompt and checks it against a backend's context."""
+    return max(1, len(text) // 4)
+
+
+def prompt_tokens_estimate(messages: list[dict[str, Any]]) -> int:
+    """The prompt's estimated tokens: every message's text, one per line, at characters / 4."""
+    return estimate_tokens("\n".join(message_text(m) for m in messages if message_text(m)))
+
 
 @dataclass(frozen=True, slots=True)
 class BackendSpec:
@@ -38,13 +63,20 @@ class BackendSpec:
 
 
 class BackendError(Exception):
-    """A failed upstream call. `retryable` says whether another backend may take the request."""
+    """A failed upstream call. `retryable` says whether another backend may take the request;
+    `upstream_message` is what the backend itself said, when it said something."""
 
-    def __init__(self, backend: str, message: str, *, status: int, retryable: bool) -> None:
+    def __init__(self, backend: str, message: str, *, status: int, retryable: bool, upstream_message: str | None = None) -> None:
         super().__init__(f"backend {backend}: {message}")
         self.backend = backend
         self.status = status
         self.retryable = retryable
+        self.upstream_message = upstream_message
+
+    @property
+    def client_fault(self) -> bool:
+        """The backend answered that the request was wrong (400, 413, 422): not the backend's failure."""
+        return not self.retryable and 400 <= self.status < 500
 
 
 @dataclass(slots=True)
@@ -73,6 +105,7 @@ class HealthReport:
     error: str | None = None
     models: list[str] = field(default_factory=list)
     queue: dict[str, float] = field(default_factory=dict)
+    max_model_len: int | None = None  # the served model's context length, when `/v1/models` says it (vLLM does)
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+(\S+)")
@@ -97,15 +130,32 @@ def _usage(body: dict[str, Any]) -> tuple[int, int]:
     return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
 
 
+def _readable(detail: Any) -> str:
+    """An upstream error's message as text: a string as it is; a validation list (FastAPI, pydantic) as
+    `field: message; ...`; never a Python repr of a dict."""
+    if isinstance(detail, str):
+        return detail
+    if isinstance(detail, dict):
+        for key in ("message", "msg", "detail", "error"):
+            if detail.get(key):
+                text = _readable(detail[key])
+                location = detail.get("loc")
+                if key == "msg" and isinstance(location, list | tuple):
+                    where = ".".join(str(p) for p in location if p not in ("body",))
+                    return f"{where}: {text}" if where else text
+                return text
+        return json.dumps(detail, separators=(", ", ": "), default=str)
+    if isinstance(detail, list):
+        return "; ".join(_readable(item) for item in detail)
+    return str(detail)
+
+
 def _upstream_message(response: httpx.Response) -> str:
     try:
         payload = response.json()
     except ValueError:
         return response.text[:500] or response.reason_phrase
-    error = payload.get("error", payload) if isinstance(payload, dict) else payload
-    if isinstance(error, dict):
-        return str(error.get("message") or error.get("detail") or error)[:500]
-    return str(error)[:500]
+    return _readable(payload)[:500] or response.reason_phrase
 
 
 class BackendClient:
@@ -114,9 +164,25 @@ class BackendClient:
         self._http = http
         self._slots = asyncio.Semaphore(spec.max_concurrent_requests)
         self.in_flight = 0
+        self.max_model_len: int | None = None  # learned from the health check's `/v1/models`
+
+    def fit_max_tokens(self, body: dict[str, Any]) -> int | None:
+        """The `max_tokens` this backend gets for a router-set default: what fits its context beside the
+        prompt (estimated), never above the default; None when the body's limit is the client's own."""
+        if not body.get(FIT_MAX_TOKENS) or body.get("max_tokens") is None:
+            return None
+        if self.max_model_len is None:
+            return int(body["max_tokens"])
+        messages = body.get("messages") or []
+        prompt = prompt_tokens_estimate(messages) + CONTEXT_MARGIN_TOKENS * len(messages)
+        return max(1, min(int(body["max_tokens"]), self.max_model_len - prompt))
 
     def _request_body(self, body: dict[str, Any], stream: bool) -> dict[str, Any]:
         upstream = {**body, "model": self.spec.model, "stream": stream}
+        fitted = self.fit_max_tokens(body)
+        upstream.pop(FIT_MAX_TOKENS, None)
+        if fitted is not None:
+            upstream["max_tokens"] = fitted
         if stream:
             upstream["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return upstream
@@ -127,11 +193,15 @@ class BackendClient:
         return BackendError(self.spec.name, f"unreachable ({type(exc).__name__}: {exc})", status=502, retryable=True)
 
     def _status_failure(self, response: httpx.Response) -> BackendError:
-        message = f"HTTP {response.status_code}: {_upstream_message(response)}"
-        if response.status_code >= 500:
-            return BackendError(self.spec.name, message, status=502, retryable=True)
-        status = response.status_code if response.status_code in (400, 404, 413, 422, 429) else 400
-        return BackendError(self.spec.name, message, status=status, retryable=False)
+        """400, 413 and 422 say the request was wrong: the client's fault, passed through, never retried.
+        Any other status (5xx, and 401/403/404/429: a key, a model name or a quota of the router's own
+        configuration) is the backend's failure: another backend may take the request."""
+        upstream = _upstream_message(response)
+        message = f"HTTP {response.status_code}: {upstream}"
+        if response.status_code in (400, 413, 422):
+            status = 413 if response.status_code == 413 else 400
+            return BackendError(self.spec.name, message, status=status, retryable=False, upstream_message=upstream)
+        return BackendError(self.spec.name, message, status=502, retryable=True, upstream_message=upstream)
 
     async def chat(self, body: dict[str, Any]) -> ChatResult:
         async with self._slots:
@@ -213,8 +283,9 @@ class BackendClient:
                 if isinstance(event.get("error"), dict):  # vLLM rejects some requests inside a 200 stream
                     error = event["error"]
                     status = error.get("code") if isinstance(error.get("code"), int) else 502
-                    raise BackendError(self.spec.name, f"stream error: {error.get('message', error)}", status=status,
-                                       retryable=not 400 <= status < 500)
+                    text = _readable(error)
+                    raise BackendError(self.spec.name, f"stream error: {text}", status=status,
+                                       retryable=not 400 <= status < 500, upstream_message=text)
                 if event.get("usage"):
                     usage.prompt_tokens, usage.completion_tokens = _usage(event)
                     usage.cost_usd = self.spec.cost_usd(usage.prompt_tokens, usage.completion_tokens)
@@ -235,11 +306,16 @@ class BackendClient:
             if health.status_code != 200:
                 return HealthReport(False, f"/health answered HTTP {health.status_code}")
             models_response = await self._http.get(f"{base}/v1/models", timeout=timeout_s)
-            models = [m.get("id") for m in models_response.json().get("data", [])] if models_response.status_code == 200 else []
-        except (httpx.HTTPError, ValueError) as exc:
+            cards = models_response.json().get("data", []) if models_response.status_code == 200 else []
+            cards = [c for c in cards if isinstance(c, dict)]
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
             return HealthReport(False, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        models = [c.get("id") for c in cards]
         if self.spec.model not in models:
             return HealthReport(False, f"model {self.spec.model!r} not served (serves {models})", models)
+        card = next(c for c in cards if c.get("id") == self.spec.model)
+        context = card.get("max_model_len")
+        max_model_len = context if isinstance(context, int) and not isinstance(context, bool) and context > 0 else None
         queue: dict[str, float] = {}
         try:
             metrics = await self._http.get(f"{base}/metrics", timeout=timeout_s)
@@ -247,4 +323,4 @@ class BackendClient:
                 queue = parse_prometheus(metrics.text)
         except httpx.HTTPError:
             pass
-        return HealthReport(True, None, models, queue)
+        return HealthReport(True, None, models, queue, max_model_len)

@@ -10,12 +10,16 @@ backend in order is admitted by its breaker (`acquire`) or skipped; a connection
 backend answered, so it counts as a success for the breaker) and ends the loop; a cancelled call
 releases the slot with no verdict.
 
-`healthy` stays the last health check's verdict, for reporting only.
+`healthy` stays the last health check's verdict, for reporting only; its changes are logged (a backend
+found down at start is a warning naming it). The health check also learns each backend's context length
+(`max_model_len` in vLLM's `/v1/models`): `eligible(prompt_tokens)` leaves out backends a prompt does not
+fit, and the client lowers a router-set `max_tokens` to what fits (`BackendClient.fit_max_tokens`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,6 +31,8 @@ from backends.breaker import BreakerSettings, CircuitBreaker
 from backends.client import BackendClient, BackendError, BackendSpec, HealthReport
 
 T = TypeVar("T")
+
+log = logging.getLogger("llm_router.backends")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +67,24 @@ class BackendState:
         return self.client.spec
 
     @property
+    def max_model_len(self) -> int | None:
+        """The backend's context length in tokens, as its `/v1/models` reported it (None: not known)."""
+        return self.client.max_model_len
+
+    def fits(self, prompt_tokens: int | None) -> bool:
+        """The prompt leaves room for at least one answer token in the context (an unknown context fits)."""
+        return prompt_tokens is None or self.max_model_len is None or prompt_tokens < self.max_model_len
+
+    @property
+    def down_reason(self) -> str | None:
+        """Why no request may go here now (None: it can serve): its breaker, or its failed health check."""
+        if not self.breaker.available:
+            return f"circuit breaker {self.breaker.state}: {self.last_error or 'after failures'}"
+        if self.healthy is False:
+            return self.last_error or "health check failed"
+        return None
+
+    @property
     def failures(self) -> int:
         """Failed requests (the breaker also counts failed health checks, under kind "health")."""
         return self.breaker.failures - self.breaker.failures_by_kind["health"]
@@ -79,6 +103,7 @@ class BackendPool:
         self.breaker_settings = breaker or BreakerSettings()
         self._clock = clock
         self._states: dict[str, BackendState] = {}
+        self.launcher: Any = None  # a `BackendLauncher` that runs the managed backends: their state shows in describe()
         for spec in specs:
             self.add(spec)
 
@@ -95,13 +120,17 @@ class BackendPool:
     def state(self, name: str) -> BackendState:
         return self._states[name]
 
-    def eligible(self) -> list[BackendState]:
-        """Backends whose breaker would let a request through now: closed, or ready for a probe.
+    def states(self) -> list[BackendState]:
+        return list(self._states.values())
+
+    def eligible(self, prompt_tokens: int | None = None) -> list[BackendState]:
+        """Backends whose breaker would let a request through now (closed, or ready for a probe) and, given
+        the prompt's estimated tokens, whose known context it fits.
 
         Takes nothing (the probe slot is taken by `acquire`), so a backend listed here may still be
         refused by `acquire` when another request took its probe slot in between.
         """
-        return [s for s in self._states.values() if s.breaker.available]
+        return [s for s in self._states.values() if s.breaker.available and s.fits(prompt_tokens)]
 
     def acquire(self, name: str) -> bool:
         """Call right before sending a request to `name`; False: skip it, try the next candidate.
@@ -176,10 +205,17 @@ class BackendPool:
 
     @staticmethod
     def _apply(state: BackendState, report: HealthReport, now: float) -> None:
+        if report.healthy is False and state.healthy is not False:
+            first = " at start" if state.healthy is None else ""
+            log.warning("backend %s (%s) is down%s: %s", state.spec.name, state.spec.base_url, first, report.error)
+        elif report.healthy and state.healthy is False:
+            log.info("backend %s (%s) is up again", state.spec.name, state.spec.base_url)
         state.healthy = report.healthy
         state.last_check = now
         if report.error:
             state.last_error = report.error
+        if report.max_model_len is not None:
+            state.client.max_model_len = report.max_model_len
         state.queue = report.queue
         if report.healthy:
             state.breaker.record_health_success()
@@ -196,7 +232,9 @@ class BackendPool:
                 "price_per_1m_output_tokens_usd": s.spec.price_per_1m_output_tokens_usd,
                 "max_concurrent_requests": s.spec.max_concurrent_requests,
                 "timeout_s": s.spec.timeout_s,
+                "max_model_len": s.max_model_len,
                 "healthy": s.healthy,
+                "down_reason": s.down_reason,
                 "last_error": s.last_error,
                 "last_check": s.last_check,
                 "in_flight": s.client.in_flight,
@@ -207,6 +245,7 @@ class BackendPool:
                     "num_requests_waiting": s.queue.get("vllm:num_requests_waiting"),
                     "kv_cache_usage_perc": s.queue.get("vllm:kv_cache_usage_perc"),
                 },
+                "managed": self.launcher.describe(s.spec.name) if self.launcher is not None else None,
             }
             for s in self._states.values()
         ]

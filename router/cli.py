@@ -65,6 +65,34 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_check_command(args: argparse.Namespace) -> int:
+    """Validate a config file as `serve` would (fields, environment overrides, keys, managed backends'
+    command lines) without starting anything: exit 0 and a summary, or 2 and what is wrong."""
+    from backends.launcher import LaunchError, build_command
+    from sqlalchemy.engine import make_url
+
+    from router.api.auth import Authenticator
+    from router.db import normalise_url
+
+    try:
+        config = load_config(args.file)
+        Authenticator(config.auth, config.server.host, os.environ)
+        for target in launch_targets(config):
+            build_command(target)
+        database = make_url(normalise_url(config.database_url)).get_backend_name()
+    except (ConfigError, LaunchError) as exc:
+        print(f"llm-router: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - e.g. an unparsable database URL: still the config's fault
+        print(f"llm-router: config file {args.file}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    managed = [b.name for b in config.backends if b.managed]
+    print(f"config file {args.file}: ok: {len(config.backends)} backends ({', '.join(b.name for b in config.backends)}"
+          f"{'; managed: ' + ', '.join(managed) if managed else ''}), policy {config.default_policy}, "
+          f"listens on {config.server.host}:{config.server.port}, database {database}")
+    return 0
+
+
 def migrate_command(args: argparse.Namespace) -> int:
     from router.db import create_db_engine, migrate
 
@@ -190,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.add_argument("--host")
     serve_parser.add_argument("--port", type=int)
     serve_parser.set_defaults(run=serve)
+    config_parser = commands.add_parser("config", help="configuration tools")
+    config_commands = config_parser.add_subparsers(dest="config_command", required=True)
+    check_parser = config_commands.add_parser("check", help="validate a config file without starting anything (exit 0, or 2 and why)")
+    check_parser.add_argument("file", help="TOML config file")
+    check_parser.set_defaults(run=config_check_command)
     migrate_parser = commands.add_parser("migrate", help="upgrade the database schema to head")
     migrate_parser.add_argument("--config")
     migrate_parser.set_defaults(run=migrate_command)

@@ -271,18 +271,31 @@ class RouterConfig(_Strict):
         return self.predictors.hybrid_small or by_price[0].name, self.predictors.hybrid_large or by_price[-1].name
 
 
-def _format_validation_error(error: ValidationError) -> str:
-    lines = []
+def _format_validation_error(error: ValidationError, source: str = "", env_sources: dict[tuple[str, ...], str] | None = None) -> str:
+    """Each bad field with its message; a field set from the environment is blamed on that variable, the
+    others on `source` (the config file)."""
+    env_sources = env_sources or {}
+    from_file, from_env = [], []
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"{location}: {item['msg']}")
-    return "; ".join(lines)
+        variable = next((name for path, name in env_sources.items() if tuple(str(p) for p in item["loc"][: len(path)]) == path), None)
+        if variable is not None:
+            from_env.append(f"environment {variable}: {location}: {item['msg']}")
+        else:
+            from_file.append(f"{location}: {item['msg']}")
+    parts = from_env + ([f"{source}: " + "; ".join(from_file)] if from_file and source else from_file)
+    return "; ".join(parts)
 
 
-def _apply_env_overrides(raw: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
-    """`DATABASE_URL` and `LLM_ROUTER_<FIELD>` / `LLM_ROUTER_<SECTION>__<FIELD>` override file values."""
+def _apply_env_overrides(
+    raw: dict[str, Any], environ: dict[str, str], sources: dict[tuple[str, ...], str] | None = None
+) -> dict[str, Any]:
+    """`DATABASE_URL` and `LLM_ROUTER_<FIELD>` / `LLM_ROUTER_<SECTION>__<FIELD>` override file values;
+    `sources`, when given, gets each overridden field's path and the variable that set it."""
+    sources = {} if sources is None else sources
     if environ.get("DATABASE_URL"):
         raw["database_url"] = environ["DATABASE_URL"]
+        sources[("database_url",)] = "DATABASE_URL"
     for key, value in environ.items():
         if not key.startswith(ENV_PREFIX):
             continue
@@ -296,6 +309,7 @@ def _apply_env_overrides(raw: dict[str, Any], environ: dict[str, str]) -> dict[s
                 raise ConfigError(f"environment {key}: {part} is not a section")
         leaf = path[-1]
         target[leaf] = [v.strip() for v in value.split(",") if v.strip()] if leaf == "policies" else value
+        sources[tuple(path)] = key
     return raw
 
 
@@ -315,8 +329,9 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: dict[str, s
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {source}: not valid TOML: {exc}") from exc
-    raw = _apply_env_overrides(raw, environ)
+    env_sources: dict[tuple[str, ...], str] = {}
+    raw = _apply_env_overrides(raw, environ, env_sources)
     try:
         return RouterConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"config file {source}: {_format_validation_error(exc)}") from exc
+        raise ConfigError(_format_validation_error(exc, f"config file {source}", env_sources)) from exc

@@ -1,4 +1,8 @@
-"""One error model for the whole API: an HTTP status, a machine-readable type and a clear message."""
+"""One error model for the whole API: an HTTP status, a machine-readable type and code, and a clear message.
+
+As in OpenAI's errors, `type` is the kind of error and `code` a string naming the case (None: the type
+says it all, and the API then sends the type as the code).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,14 @@ from __future__ import annotations
 class RouterError(Exception):
     status = 500
     type = "internal_error"
+    code: str | None = None
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.headers: dict[str, str] = {}
+        if code is not None:
+            self.code = code
 
 
 class BadRequest(RouterError):
@@ -21,9 +28,10 @@ class BadRequest(RouterError):
 class Unauthorized(RouterError):
     status = 401
     type = "authentication_error"
+    code = "invalid_api_key"
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message, code)
         self.headers = {"WWW-Authenticate": "Bearer"}
 
 
@@ -39,7 +47,7 @@ class TooManyRequests(RouterError):
     type = "rate_limit_exceeded"
 
     def __init__(self, message: str, retry_after_s: int | None = None, type_: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, type_)
         if type_:
             self.type = type_
         if retry_after_s is not None:
@@ -49,6 +57,18 @@ class TooManyRequests(RouterError):
 class NotFound(RouterError):
     status = 404
     type = "not_found"
+
+
+class PayloadTooLarge(RouterError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UnsupportedMediaType(RouterError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
 
 
 class Conflict(RouterError):
@@ -76,6 +96,6 @@ class UpstreamClientError(RouterError):
 
     type = "upstream_invalid_request"
 
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, status: int, code: str | None = None) -> None:
+        super().__init__(message, code)
         self.status = status

@@ -1,17 +1,19 @@
 """The predictor models in use, swapped in whole when training promotes a new version.
 
-A batch reads the two references once, so a swap in the middle of it changes nothing for it and no
+A batch reads the model references once, so a swap in the middle of it changes nothing for it and no
 request waits for a load: the new model is loaded off the event loop, then assigned. The service runs
-`predict` through a `TextBatcher`, so concurrent queries share one forward pass per model.
+`predict` through a `TextBatcher`, so concurrent queries share one forward pass per model. `score` rates
+answers with the answer scorer (the answer-aware modes), None while no scorer is trained.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
-from policies import PREDICTED_POLICIES, Predictions
-from router.predictors import ArtifactStore, ForcPredictor, HybridPredictor
+from policies import Predictions
+from router.predictors import KINDS, AnswerScorer, ArtifactStore, ForcPredictor, HybridPredictor
 
 log = logging.getLogger("llm_router")
 
@@ -22,11 +24,12 @@ class PredictorSet:
         self.backends = backends
         self.forc: ForcPredictor | None = None
         self.hybrid: HybridPredictor | None = None
-        self.versions: dict[str, str | None] = dict.fromkeys(PREDICTED_POLICIES)
+        self.scorer: AnswerScorer | None = None
+        self.versions: dict[str, str | None] = dict.fromkeys(KINDS)
 
     def reload(self) -> dict[str, str | None]:
         """Load the current version of each model (a missing or broken one leaves None, logged by the store)."""
-        for kind in PREDICTED_POLICIES:
+        for kind in KINDS:
             version = self.store.current(kind)
             name = version.name if version else None
             if name == self.versions[kind] and getattr(self, kind) is not None:
@@ -40,7 +43,13 @@ class PredictorSet:
 
     @property
     def ready(self) -> bool:
+        """Whether a predictor policy's model is loaded (the scorer does not route)."""
         return self.forc is not None or self.hybrid is not None
+
+    def score(self, query: str, answers: Sequence[str]) -> list[float] | None:
+        """The scorer's value in [0,1] for each answer to `query` (higher is better); None while no scorer is loaded."""
+        scorer = self.scorer
+        return None if scorer is None else scorer.score(query, answers)
 
     def predict(self, texts: list[str]) -> list[Predictions]:
         """Each model's view of each text; a field stays None while its model is missing."""
@@ -57,7 +66,7 @@ class PredictorSet:
 
     def describe(self) -> dict[str, Any]:
         described: dict[str, Any] = {}
-        for kind in PREDICTED_POLICIES:
+        for kind in KINDS:
             version = self.store.current(kind) if self.versions[kind] else None
             described[kind] = {"version": self.versions[kind]}
             if version is not None:

@@ -1,8 +1,10 @@
 """The predictor training job: from the log (and imported history) to a promoted model, or not.
 
-One run trains FORC and Hybrid-LLM on every outcome the database holds for the configured backends,
-scores each candidate and the model in use on the candidate's validation split (the latest prompts),
-saves the candidate as a new version and promotes it only if it is no worse. Every run, trained or
+One run trains FORC and Hybrid-LLM on every outcome the database holds for the configured backends, and
+the answer scorer on every answer with a quality it holds (imported answers, rewarded delivered answers:
+`router.history.answer_samples`), scores each candidate and the model in use on the candidate's
+validation split (the latest prompts), saves the candidate as a new version and promotes it only if it is
+no worse. Every run, trained or
 skipped or failed, is a row in `training_runs`. The service runs this in a separate process with its own
 torch thread budget (`TrainingScheduler`), so routing keeps its latency while a model trains;
 `llm-router train` runs it once in the foreground.
@@ -20,16 +22,24 @@ from typing import Any
 
 from sqlmodel import Session, select
 
-from policies import PREDICTED_POLICIES
 from router.config import RouterConfig
 from router.db import create_db_engine
-from router.history import training_outcomes
-from router.predictors import ArtifactStore, TrainSettings, should_promote, train_forc, train_hybrid
+from router.history import answer_samples, training_outcomes
+from router.predictors import (
+    KINDS,
+    ArtifactStore,
+    TrainSettings,
+    should_promote,
+    should_promote_scorer,
+    train_forc,
+    train_hybrid,
+    train_scorer,
+)
 from router.tables import TrainingRun
 
 log = logging.getLogger("llm_router")
 
-KINDS = PREDICTED_POLICIES  # one predictor kind per predictor policy
+__all__ = ["KINDS", "TrainingScheduler", "recent_runs", "run_training", "train_settings"]
 
 
 def train_settings(config: RouterConfig) -> TrainSettings:
@@ -42,13 +52,16 @@ def train_settings(config: RouterConfig) -> TrainSettings:
 
 
 def run_training(config: RouterConfig, trigger: str) -> list[dict[str, Any]]:
-    """Train both predictors once; returns the recorded runs (as dicts)."""
+    """Train every predictor kind once (FORC, Hybrid-LLM, the answer scorer); returns the recorded runs (as dicts)."""
     db = create_db_engine(config.database_url)
     try:
         backends = [b.name for b in config.backends]
         outcomes = training_outcomes(db, backends)
         store = ArtifactStore(config.predictors.artifacts_dir)
-        return [_train_one(db, config, store, kind, outcomes, backends, trigger) for kind in KINDS]
+        return [
+            _train_scorer(db, config, store, trigger) if kind == "scorer" else _train_one(db, config, store, kind, outcomes, backends, trigger)
+            for kind in KINDS
+        ]
     finally:
         db.dispose()
 
@@ -85,13 +98,46 @@ def _train_one(db: Any, config: RouterConfig, store: ArtifactStore, kind: str, o
     except Exception as exc:  # a failed run is recorded and logged; the model in use stays
         log.exception("%s training failed", kind)
         run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"
+    return _record(db, run, started)
+
+
+def _train_scorer(db: Any, config: RouterConfig, store: ArtifactStore, trigger: str) -> dict[str, Any]:
+    """The answer scorer on every answer with a quality (of any backend: it scores text, not backends);
+    skipped while fewer than `min_samples` prompts have one."""
+    started = time.perf_counter()
+    run = TrainingRun(kind="scorer", trigger=trigger, status="ok")
+    try:
+        samples = answer_samples(db)
+        prompts = len({sample.prompt for sample in samples})
+        if prompts < config.predictors.min_samples:
+            run.status = "skipped"
+            run.error = f"{prompts} prompts with answers; {config.predictors.min_samples} needed"
+        else:
+            result = train_scorer(samples, train_settings(config))
+            promotion = should_promote_scorer(result, store.load_current("scorer"))
+            version = store.save_candidate(result)
+            if promotion.promote:
+                store.promote(version)
+            run.samples_train, run.samples_validation = result.samples.train, result.samples.validation
+            run.validation_loss, run.baseline_loss = result.validation_loss, result.baseline_loss
+            run.current_validation_loss, run.promoted, run.version = promotion.current_loss, promotion.promote, version.name
+            run.details = {"reason": promotion.reason, "answers": result.samples.outcomes, "backbone": result.backbone,
+                           "validation_metric": "mean selection regret over validation prompts with >= 2 answers "
+                                                "(BCE of the scores where none has two)"}
+    except Exception as exc:  # a failed run is recorded and logged; the model in use stays
+        log.exception("scorer training failed")
+        run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"
+    return _record(db, run, started)
+
+
+def _record(db: Any, run: TrainingRun, started: float) -> dict[str, Any]:
     run.duration_s = time.perf_counter() - started
     with Session(db) as session:
         session.add(run)
         session.commit()
         session.refresh(run)
         recorded = run.model_dump(mode="json")
-    log.info("%s training %s: %s", kind, run.status, {k: recorded[k] for k in ("samples_train", "validation_loss", "promoted", "version")})
+    log.info("%s training %s: %s", run.kind, run.status, {k: recorded[k] for k in ("samples_train", "validation_loss", "promoted", "version")})
     return recorded
 
 

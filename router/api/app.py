@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,12 +15,12 @@ from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers import BaseRouteHandler
-from litestar.openapi import OpenAPIConfig
 from litestar.params import JSONBody
 from litestar.response import Stream
-from litestar.status_codes import HTTP_200_OK, HTTP_500_INTERNAL_SERVER_ERROR
+from litestar.status_codes import HTTP_200_OK, HTTP_500_INTERNAL_SERVER_ERROR, HTTP_503_SERVICE_UNAVAILABLE
 
 from router.api.auth import Authenticator, Principal
+from router.api.docs import openapi_config
 from router.api.limits import routing_request
 from router.api.protocol import (
     ActivePolicyRequest,
@@ -27,12 +28,14 @@ from router.api.protocol import (
     ChatCompletionRequest,
     ErrorBody,
     ErrorResponse,
+    ModelCard,
+    ModelList,
     RewardRequest,
     RewardResponse,
     RouteResponse,
 )
-from router.api.responses import router_info, sse
-from router.errors import RouterError
+from router.api.responses import openai_completion, router_info, sse
+from router.errors import BadRequest, RouterError, UnsupportedMediaType
 from router.service import RouterService
 
 log = logging.getLogger("llm_router")
@@ -40,28 +43,48 @@ log = logging.getLogger("llm_router")
 DECISION_HEADER = "X-Router-Decision-Id"
 
 
-def _error(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> Response[dict[str, Any]]:
-    body = ErrorResponse(error=ErrorBody(message=message, type=type_, code=status))
+EMPTY_BODY = "request body is empty: send a JSON object (content-type: application/json)"
+
+
+def _error(
+    status: int, type_: str, message: str, headers: dict[str, str] | None = None, code: str | None = None
+) -> Response[dict[str, Any]]:
+    """OpenAI's error shape: `type` the kind of error, `code` a string naming the case (the type when no finer one)."""
+    body = ErrorResponse(error=ErrorBody(message=message, type=type_, code=code or type_))
     return Response(body.model_dump(), status_code=status, headers=headers)
 
 
 def _router_error(_: Request[Any, Any, Any], exc: RouterError) -> Response[dict[str, Any]]:
-    return _error(exc.status, exc.type, exc.message, exc.headers or None)
+    return _error(exc.status, exc.type, exc.message, exc.headers or None, exc.code)
 
 
 def _validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[dict[str, Any]]:
     details = exc.extra if isinstance(exc.extra, list) else []
     parts = []
     for item in details:
-        if isinstance(item, dict):
-            key = item.get("key") or ""
-            parts.append(f"{key}: {item.get('message')}" if key else str(item.get("message")))
+        if not isinstance(item, dict):
+            continue
+        key, text = item.get("key") or "", str(item.get("message"))
+        if key == "data" and item.get("source") == "body":  # litestar's way of saying there was no body at all
+            return _error(400, "invalid_request_error", EMPTY_BODY, code="empty_body")
+        if text.startswith("Input should be a valid dictionary"):
+            text = "the body must be a JSON object"
+        parts.append(f"{key}: {text}" if key else text)
     message = "; ".join(parts) or str(exc.detail)
-    return _error(400, "invalid_request_error", f"invalid request body: {message}")
+    return _error(400, "invalid_request_error", f"invalid request body: {message}", code="invalid_body")
 
 
-def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
-    return _error(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "internal_error", str(exc.detail), exc.headers)
+def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
+    status = exc.status_code
+    if status == 413:
+        limit = request.app.state.max_body_bytes
+        message = f"request body too large: this router accepts at most {limit} bytes (limits.max_body_bytes)"
+        return _error(413, "invalid_request_error", message, exc.headers, code="request_too_large")
+    if status == 400 and str(exc.detail).startswith("JSON is malformed"):
+        return _error(400, "invalid_request_error", f"invalid JSON body: {exc.detail}", exc.headers, code="invalid_json")
+    type_ = "invalid_request_error" if status < 500 else "internal_error"
+    code = {404: "not_found", 405: "method_not_allowed"}.get(status)
+    return _error(status, type_, str(exc.detail), exc.headers, code=code)
 
 
 def _unexpected_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
@@ -85,35 +108,51 @@ def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHand
     _authenticate(connection).require("admin")
 
 
+def json_body_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """A body must be JSON (415 otherwise: a form or text/plain body is never guessed at) and not empty.
+    Reads headers only, so it answers before the body is read."""
+    content_type = (connection.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if content_type and content_type != "application/json" and not content_type.endswith("+json"):
+        raise UnsupportedMediaType(f"content-type {content_type!r} is not supported: send a JSON body with content-type: application/json")
+    if connection.headers.get("content-length") == "0":
+        raise BadRequest(EMPTY_BODY, code="empty_body")
+
+
 async def provide_caller(request: Request[Any, Any, Any]) -> Principal:
     return request.state.caller
 
 
-@post("/v1/chat/completions", status_code=HTTP_200_OK, summary="OpenAI chat completion, routed", guards=[client_guard])
+@post(
+    "/v1/chat/completions", status_code=HTTP_200_OK, summary="OpenAI chat completion, routed", guards=[client_guard, json_body_guard]
+)
 async def chat_completions(
     data: JSONBody[ChatCompletionRequest], service: NamedDependency[RouterService], caller: NamedDependency[Principal]
 ) -> Response[Any]:
-    request = routing_request(data, service.config.limits)
+    request = routing_request(data, service.config.limits, service.pool)
     if data.stream:
         events, routed = await service.chat_stream(request, caller.tenant)
         headers = {DECISION_HEADER: routed.decision_id, "Cache-Control": "no-cache"}
         return Stream(sse(events, routed), media_type="text/event-stream", headers=headers)
     body, routed = await service.chat(request, caller.tenant)
+    body = openai_completion(body)
     body["router"] = router_info(routed).model_dump(mode="json")
     return Response(body, headers={DECISION_HEADER: routed.decision_id})
 
 
-@post("/v1/route", status_code=HTTP_200_OK, summary="The routing decision alone, no generation", guards=[client_guard])
+@post("/v1/route", status_code=HTTP_200_OK, summary="The routing decision alone, no generation", guards=[client_guard, json_body_guard])
 async def route(
     data: JSONBody[ChatCompletionRequest], service: NamedDependency[RouterService], caller: NamedDependency[Principal]
 ) -> Response[RouteResponse]:
-    routed = await service.route(routing_request(data, service.config.limits), caller.tenant)
+    if data.stream:
+        raise BadRequest("stream: /v1/route returns the decision alone and generates nothing, so it cannot stream; "
+                         "send stream=true to /v1/chat/completions", code="stream_not_supported")
+    routed = await service.route(routing_request(data, service.config.limits, service.pool), caller.tenant)
     return Response(RouteResponse(router=router_info(routed)), headers={DECISION_HEADER: routed.decision_id})
 
 
 @post(
     "/v1/rewards", status_code=HTTP_200_OK, summary="Feedback for a decision: reward in [0,1] or a preference",
-    guards=[client_guard],
+    guards=[client_guard, json_body_guard],
 )
 async def rewards(
     data: JSONBody[RewardRequest], service: NamedDependency[RouterService], caller: NamedDependency[Principal]
@@ -130,7 +169,7 @@ async def policy_stats(service: NamedDependency[RouterService]) -> dict[str, Any
 
 @put(
     "/v1/policies/active", status_code=HTTP_200_OK, summary="Switch the policy that routes `auto` requests",
-    guards=[admin_guard],
+    guards=[admin_guard, json_body_guard],
 )
 async def set_active_policy(data: JSONBody[ActivePolicyRequest], service: NamedDependency[RouterService]) -> ActivePolicyResponse:
     service.set_active_policy(data.policy)
@@ -152,10 +191,31 @@ async def train_predictors(service: NamedDependency[RouterService]) -> dict[str,
     return {"runs": await service.train("api")}
 
 
-@get("/health", summary="Liveness and backend availability")
+@get("/v1/models", summary="OpenAI model list: auto and every backend", guards=[client_guard])
+async def models(service: NamedDependency[RouterService], started: NamedDependency[int]) -> ModelList:
+    names = ["auto", *service.pool.names()]
+    return ModelList(data=[ModelCard(id=name, created=started) for name in names])
+
+
+def _availability(service: RouterService) -> dict[str, Any]:
+    states = service.pool.states()
+    up = [s.spec.name for s in states if s.down_reason is None]
+    down = [{"name": s.spec.name, "base_url": s.spec.base_url, "reason": s.down_reason} for s in states if s.down_reason is not None]
+    return {"backends_up": up, "backends_down": down, "active_policy": service.active_policy}
+
+
+@get("/health", summary="Liveness (always 200 while the process serves), with which backends are down and why")
 async def health(service: NamedDependency[RouterService]) -> dict[str, Any]:
-    up = [s.spec.name for s in service.pool.eligible()]
-    return {"status": "ok" if up else "degraded", "backends_up": up, "active_policy": service.active_policy}
+    availability = _availability(service)
+    return {"status": "degraded" if availability["backends_down"] else "ok", **availability}
+
+
+@get("/ready", summary="Readiness: 200 while a backend can serve, 503 while none can")
+async def ready(service: NamedDependency[RouterService]) -> Response[dict[str, Any]]:
+    availability = _availability(service)
+    if not service.pool.eligible():
+        return Response({"status": "unavailable", **availability}, status_code=HTTP_503_SERVICE_UNAVAILABLE)
+    return Response({"status": "ready", **availability})
 
 
 @get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4", guards=[admin_guard])
@@ -178,12 +238,18 @@ def create_app(service: RouterService, authenticator: Authenticator | None = Non
     async def provide_service() -> RouterService:
         return service
 
+    started = int(time.time())
+
+    async def provide_started() -> int:
+        return started
+
     return Litestar(
         route_handlers=[
-            chat_completions, route, rewards, policy_stats, set_active_policy, backends, config, train_predictors, health, metrics,
+            chat_completions, route, rewards, policy_stats, set_active_policy, backends, config, train_predictors, models, health, ready,
+            metrics,
         ],
-        dependencies={"service": provide_service, "caller": provide_caller},
-        state=State({"authenticator": authenticator}),
+        dependencies={"service": provide_service, "caller": provide_caller, "started": provide_started},
+        state=State({"authenticator": authenticator, "max_body_bytes": service.config.limits.max_body_bytes}),
         request_max_body_size=service.config.limits.max_body_bytes,
         lifespan=[lifespan],
         exception_handlers={
@@ -192,6 +258,6 @@ def create_app(service: RouterService, authenticator: Authenticator | None = Non
             HTTPException: _http_error,
             Exception: _unexpected_error,
         },
-        openapi_config=OpenAPIConfig(title="llm-router", version="0.1.0"),
+        openapi_config=openapi_config(),
         logging_config=None,  # the CLI configures logging; handlers log what matters themselves
     )

@@ -31,6 +31,7 @@ from router.predictors.models import (
     Predictor,
     StrictModel,
 )
+from router.predictors.scorer import AnswerScorer, ScorerConfig
 from router.predictors.training import SampleCounts, TrainingResult, TrainSettings
 
 log = logging.getLogger("llm_router")
@@ -52,7 +53,7 @@ class ArtifactMetadata(StrictModel):
     backbone: str
     settings: TrainSettings
     duration_s: float
-    predictor: ForcConfig | HybridConfig  # backends, or small/large/tolerance/threshold/large_share
+    predictor: ForcConfig | HybridConfig | ScorerConfig  # backends, small/large/tolerance/threshold/large_share, or the scorer's
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,9 @@ class ArtifactStore:
     def metadata(self, version: Version) -> ArtifactMetadata:
         return ArtifactMetadata.model_validate_json((version.path / METADATA_FILE).read_text())
 
-    def save_candidate(self, result: TrainingResult[ForcPredictor] | TrainingResult[HybridPredictor]) -> Version:
+    def save_candidate(
+        self, result: TrainingResult[ForcPredictor] | TrainingResult[HybridPredictor] | TrainingResult[AnswerScorer]
+    ) -> Version:
         """Write the model as the next version (not promoted)."""
         kind = result.predictor.kind
         folder = self.root / kind
@@ -146,12 +149,14 @@ class ArtifactStore:
     def load_current(self, kind: Literal["forc"], backends: Collection[str] | None = None) -> ForcPredictor | None: ...
     @overload
     def load_current(self, kind: Literal["hybrid"], backends: Collection[str] | None = None) -> HybridPredictor | None: ...
+    @overload
+    def load_current(self, kind: Literal["scorer"], backends: Collection[str] | None = None) -> AnswerScorer | None: ...
 
-    def load_current(self, kind: Kind, backends: Collection[str] | None = None) -> Predictor | None:
+    def load_current(self, kind: Kind, backends: Collection[str] | None = None) -> Predictor | AnswerScorer | None:
         """The current model, or None if none was promoted, or (with a WARNING saying why) if it cannot be used.
 
         `backends`: those the caller routes between; a FORC model that does not score them all, or a Hybrid
-        model whose small or large backend is not among them, is refused.
+        model whose small or large backend is not among them, is refused. A scorer scores any backend's answers.
         """
         version = self.current(kind)
         if version is None:
@@ -162,7 +167,8 @@ class ArtifactStore:
             if (metadata.kind, metadata.version) != (kind, version.number):
                 raise ValueError(f"it describes {metadata.kind} v{metadata.version}")
             part = f"{PREDICTOR_FILE}, {WEIGHTS_FILE} or {ENCODER_DIR}/"
-            predictor: Predictor = (ForcPredictor if kind == "forc" else HybridPredictor).load(version.path)
+            loader = {"forc": ForcPredictor, "hybrid": HybridPredictor, "scorer": AnswerScorer}[kind]
+            predictor: Predictor | AnswerScorer = loader.load(version.path)
             if predictor.config != metadata.predictor:
                 raise ValueError(f"{PREDICTOR_FILE} and {METADATA_FILE} disagree")
         except Exception as exc:  # noqa: BLE001 - any unreadable artifact means "no model", never a crash
@@ -177,7 +183,9 @@ class ArtifactStore:
         return Version(kind, number, self.root / kind / f"v{number:04d}")
 
 
-def _backend_mismatch(predictor: Predictor, backends: set[str]) -> str | None:
+def _backend_mismatch(predictor: Predictor | AnswerScorer, backends: set[str]) -> str | None:
+    if isinstance(predictor, AnswerScorer):
+        return None
     if isinstance(predictor, ForcPredictor):
         missing = backends - set(predictor.backends)
         return f"it does not score backends {sorted(missing)}" if missing else None

@@ -17,7 +17,8 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokeniz
 
 from router.embedding import packaged_minilm_path
 
-Kind = Literal["forc", "hybrid"]
+Kind = Literal["forc", "hybrid", "scorer"]
+KINDS: tuple[Kind, ...] = ("forc", "hybrid", "scorer")  # every predictor kind the training job trains
 WEIGHTS_FILE = "weights.safetensors"  # backbone and head together
 PREDICTOR_FILE = "predictor.json"
 ENCODER_DIR = "encoder"  # the backbone's config and the tokenizer

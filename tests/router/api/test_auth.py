@@ -132,7 +132,7 @@ def test_auth_matrix_every_role_on_every_endpoint(keyed_router):
             response = httpx.request(method, f"{url}{path}", json=body, headers=_headers(key), timeout=120)
             assert response.status_code == statuses[name], (key, name, response.text)
             if response.status_code >= 400:
-                assert response.json()["error"]["code"] == response.status_code
+                assert isinstance(response.json()["error"]["code"], str)
             if response.status_code == 401:
                 assert response.headers["WWW-Authenticate"] == "Bearer"
     # Feedback only from the key that made the decision.
