@@ -77,14 +77,18 @@ def recall_at_10(fast: np.ndarray, ref: np.ndarray, memory: int) -> float:
     return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top(fast), top(ref), strict=True)]))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory", type=int, default=2000, help="memory prompts for recall")
     parser.add_argument("--queries", type=int, default=200, help="query prompts for recall")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: the Embedder's)")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run in seconds (tests/bench/test_quick.py): 1 round, 8 prompts, tests/data for fidelity")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.memory, args.queries, args.data = 1, 20, 5, ROOT / "tests" / "data"
 
     embedders = {
         "reference": Embedder(backend="torch"),
@@ -92,6 +96,8 @@ def main() -> None:
         "fast-fp32": Embedder(quantize=False, threads=args.threads),
     }
     prompts = [json.loads(line)["prompt"] for line in (ROOT / "tests" / "data" / "two_kinds.jsonl").open()]
+    if args.quick:
+        prompts = prompts[:8]
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start", flush=True)
 
     figures: dict[str, dict[str, list[float]]] = {name: {"p50": [], "p99": [], "batch": [], "batcher": []} for name in embedders}
@@ -114,7 +120,8 @@ def main() -> None:
         p50, p99, batch, batcher = (statistics.median(row[k]) for k in ("p50", "p99", "batch", "batcher"))
         print(f"{name:<10} {p50:>8.1f} {p99:>8.1f} {batch:>10.0f} {batcher:>14.0f}")
 
-    pool = [json.loads(line)["prompt"] for file in sorted(args.data.glob("*_routing.jsonl")) for line in file.open()]
+    files = sorted(args.data.glob("*.jsonl" if args.quick else "*_routing.jsonl"))
+    pool = [json.loads(line)["prompt"] for file in files for line in file.open() if line.strip()]
     random.Random(0).shuffle(pool)
     texts = pool[: args.memory + args.queries]
     ref = embedders["reference"].embed(texts)

@@ -199,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", default=None, help="sent as `Authorization: Bearer KEY`")
     parser.add_argument("--max-tokens", type=int, default=8, help="max_tokens of each request (chat generates them)")
     parser.add_argument("--timeout-s", type=float, default=120.0, help="per-request timeout")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (tests/bench/test_quick.py): 20 requests, 4 at a time")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.requests, args.concurrency = 20, 4
     if args.requests < 0 or args.concurrency < 1:
         parser.error("--requests must be >= 0 and --concurrency >= 1")
     try:

@@ -215,6 +215,7 @@ def write_config(path: Path, database_url: str, backends: list[Backend], managed
     head = [f"database_url = {json.dumps(database_url)}", f"log_dir = {json.dumps(str(path.parent / 'logs'))}", "seed = 7"]
     if policy:
         head.append(f"default_policy = {json.dumps(policy)}")
+    head += ["[auth]", "open_on_loopback = true  # the router listens on 127.0.0.1: no keys needed"]
     tables = "\n".join(backend_table(b, i, managed) for i, b in enumerate(backends))
     path.write_text("\n".join(head) + "\n\n" + tables)
 

@@ -28,7 +28,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from router.predictors import TrainSettings, outcomes_from_jsonl, train_forc  # noqa: E402 - after the path and env
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     defaults = TrainSettings()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "llmrouter_routing.jsonl")
@@ -37,7 +37,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--max-length", type=int, default=defaults.max_length)
     parser.add_argument("--trainable-layers", type=int, default=defaults.trainable_layers)
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run in seconds (tests/bench/test_quick.py): 40 prompts of tests/data, 1 epoch, length 32")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.data, args.samples, args.epochs, args.max_length = ROOT / "tests" / "data" / "llmrouter_sample.jsonl", 40, 1, 32
 
     outcomes = outcomes_from_jsonl(args.data, prompts=args.samples)
     backends = sorted({outcome.backend for outcome in outcomes})

@@ -34,8 +34,10 @@ from router.service import RouterService  # noqa: E402
 from router.training import TrainingScheduler, run_training  # noqa: E402
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
+def _percentiles(values: list[float]) -> dict[str, float | None]:
     ordered = sorted(values)
+    if not ordered:  # e.g. a quick run whose training ended before the measurement began
+        return {"p50_ms": None, "p99_ms": None, "n": 0}
     return {"p50_ms": round(ordered[len(ordered) // 2], 2), "p99_ms": round(ordered[int(len(ordered) * 0.99) - 1], 2), "n": len(ordered)}
 
 
@@ -68,21 +70,21 @@ async def main(args: argparse.Namespace) -> dict:
     config_path.write_text(
         f'database_url = "sqlite:///{workdir}/router.db"\npolicies = ["forc", "hybrid", "thompson"]\ndefault_policy = "forc"\n'
         f'[auth]\nopen_on_loopback = true\n[predictors]\nartifacts_dir = "{workdir}/artifacts"\nschedule = "off"\n'
-        f"threads = {args.threads}\nepochs = {args.epochs}\nmin_samples = 10\n{backends}"
+        f"threads = {args.threads}\nepochs = {args.epochs}\nmin_samples = 10\n{'max_length = 32' if args.quick else ''}\n{backends}"
     )
     config = load_config(config_path, environ={})
     service = RouterService(config)
     import_file(service.db, history)
     first = run_training(config.model_copy(update={"predictors": config.predictors.model_copy(update={"threads": os.cpu_count()})}), "bench")
     service.predictors.reload()
-    await _route_latencies(service, probes, None, 20)  # warm-up
+    await _route_latencies(service, probes, None, 2 if args.quick else 20)  # warm-up
     idle = await _route_latencies(service, probes, None, args.requests)
     scheduler = TrainingScheduler(config, lambda runs: asyncio.sleep(0))
     stop = asyncio.Event()
     started = time.perf_counter()
     training = asyncio.ensure_future(scheduler.run("bench"))
     training.add_done_callback(lambda _: stop.set())
-    await asyncio.sleep(5)  # past the worker's start-up, into training
+    await asyncio.sleep(1 if args.quick else 5)  # past the worker's start-up, into training
     during = await _route_latencies(service, probes, stop, 10**9)
     runs = await training
     scheduler.shutdown()
@@ -94,15 +96,28 @@ async def main(args: argparse.Namespace) -> dict:
         "training_wall_s": round(time.perf_counter() - started, 1),
         "runs": [{k: r[k] for k in ("kind", "status", "duration_s", "samples_train", "validation_loss", "baseline_loss", "promoted")} for r in runs],
     }
-    result["p99_ratio"] = round(result["route_during_training"]["p99_ms"] / result["route_idle"]["p99_ms"], 2)
+    during_p99, idle_p99 = result["route_during_training"]["p99_ms"], result["route_idle"]["p99_ms"]
+    result["p99_ratio"] = round(during_p99 / idle_p99, 2) if during_p99 and idle_p99 else None
     return result
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", required=True)
+    parser.add_argument("--data")
     parser.add_argument("--samples", type=int, default=3000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--requests", type=int, default=300)
-    print(json.dumps(asyncio.run(main(parser.parse_args())), indent=1))
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run (tests/bench/test_quick.py): 30 prompts of tests/data, 1 epoch of length 32, 10 requests")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.data = args.data or str(Path(__file__).resolve().parents[1] / "tests" / "data" / "llmrouter_sample.jsonl")
+        args.samples, args.epochs, args.requests = 30, 1, 10
+    if not args.data:
+        parser.error("--data is required (or --quick)")
+    print(json.dumps(asyncio.run(main(args)), indent=1))
+
+
+if __name__ == "__main__":
+    cli()

@@ -91,6 +91,17 @@ class ServiceUnavailable(RouterError):
     type = "no_backend_available"
 
 
+class DatabaseUnavailable(RouterError):
+    """The database cannot be reached (an outage, a restart): 503 with Retry-After; nothing was recorded."""
+
+    status = 503
+    type = "database_unavailable"
+
+    def __init__(self, message: str, retry_after_s: int = 2) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
 class UpstreamClientError(RouterError):
     """The backend rejected the request as the client's fault (e.g. too many tokens); status passes through."""
 

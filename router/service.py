@@ -5,6 +5,12 @@ the backends with failover, records the outcome, learns from feedback, and owns 
 recovery, health checks, snapshots, the predictor schedule). It takes plain requests and hands back
 plain results and stream events: HTTP, SSE framing and the response's `router` object belong to
 `router.api`.
+
+One process (the default): learning happens right after each commit, money is held in memory.
+Several replicas (`cluster.enabled`, PostgreSQL): every replica applies the shared log in one order
+(`router.cluster.LogFollower`; its own writes through the same path, so a reward is answered once this
+replica has applied it), money and rate limits are held in the database (`router.store`: spend rows
+and holds), and one replica at a time trains or writes a snapshot.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,13 +34,24 @@ from backends.breaker import BreakerSettings
 from backends.client import BackendError, BackendSpec, StreamUsage
 from backends.pool import BackendPool, BackendState, FailoverExhausted, Failure
 from policies import PREDICTED_POLICIES, Arm, Policy, Predictions
-from router.budget import SpendLedger, period_start
+from router.budget import SpendLedger, SpendLimit, SpendRule, pacing_rule, period_start
+from router.cluster import Listener, LogFollower, advisory_lease, notify, psycopg_url
 from router.config import BackendConfig, RouterConfig
-from router.db import create_db_engine, migrate
+from router.db import create_db_engine, database_error, migrate
 from router.embedding import Embedder, TextBatcher
 from router.engine import PINNED, DecisionRecord, build_engine
-from router.errors import BadGateway, BadRequest, Conflict, Forbidden, GatewayTimeout, NotFound, ServiceUnavailable, UpstreamClientError
-from router.memory import Memory
+from router.errors import (
+    BadGateway,
+    BadRequest,
+    Conflict,
+    DatabaseUnavailable,
+    Forbidden,
+    GatewayTimeout,
+    NotFound,
+    ServiceUnavailable,
+    UpstreamClientError,
+)
+from router.memory import Memory, MemoryEntry
 from router.metrics import RouterMetrics
 from router.modes import ROUTE, Call, Plan, agreement, answer_text
 from router.modes import plan as plan_calls
@@ -41,6 +60,9 @@ from router.predicting import PredictorSet
 from router.store import (
     Finish,
     GroupWriter,
+    Hold,
+    HoldRefused,
+    LogEvent,
     NewDecision,
     Store,
     StoredDecision,
@@ -49,7 +71,13 @@ from router.store import (
     add_reward,
     finish_decision,
     load_decision,
+    log_channel,
+    models_channel,
     purge_answers,
+    release_orphans,
+    settle_holds,
+    take_holds,
+    take_rate_token,
     write_snapshot,
 )
 from router.training import TrainingScheduler, recent_runs
@@ -60,6 +88,8 @@ ROUTER_STATE = "_router"  # snapshot row of the router-level state (pacing, answ
 T = TypeVar("T")
 FEEDBACK_WAIT_S = 60.0  # how long feedback on a decision still being answered waits for its final write
 ANSWER_PURGE_EVERY_S = 3600.0
+HOLD_ATTEMPTS = 20  # several replicas: a decision whose reservation another replica beat is decided again (fresh room)
+DATABASE_PROBE_S = 1.0  # during an outage: how often the database is tried again
 
 
 def backend_spec(config: BackendConfig) -> BackendSpec:
@@ -107,6 +137,7 @@ class Routed:
     failures: list[Failure] = field(default_factory=list)  # each failed or skipped backend, with its reason
     cost_usd: float | None = None  # the answer's real cost (every call's), once known
     calls: list[Call] = field(default_factory=list)  # an answer-aware mode's calls
+    rules: list[SpendRule] = field(default_factory=list)  # several replicas: the spend rows its call holds money on
 
     @property
     def decision_id(self) -> str:
@@ -147,6 +178,8 @@ class RouterService:
             migrate(self.db)
         self.store = Store(self.db)
         self.writer = GroupWriter(self.db)
+        self._outage: DatabaseUnavailable | None = None  # the database could not be reached, until a probe succeeds
+        self.writer.on_outage, self.writer.on_commit = self._database_down, self._database_up
         breaker = config.breaker
         self.pool = BackendPool(
             [backend_spec(b) for b in config.backends],
@@ -166,9 +199,24 @@ class RouterService:
         self._predicting = bool(set(PREDICTED_POLICIES) & set(config.policy_names))
         self._predict_batcher = TextBatcher(self.predictors.predict, name="predict") if self._predicting else None
         self.training: TrainingScheduler | None = None
+        self._probe_task: asyncio.Task[None] | None = None
+        # Several replicas: the shared log, money in the database, one trainer (README "Several replicas").
+        self.clustered = config.cluster.enabled
+        self.replica = (config.cluster.replica_id or f"{socket.gethostname()}:{os.getpid()}") if self.clustered else None
+        self._pacing_rule = pacing_rule(self.engine.pacer) if self.clustered else None
+        self._live = False  # serving: applied feedback counts toward the next snapshot
+        self._interval_start = 0  # several replicas: log position where the current snapshot interval began
+        self.follower: LogFollower | None = None
+        self._listener: Listener | None = None
+        self._cluster_task: asyncio.Task[None] | None = None
         self._load_memory()
-        self._restore_state()
-        self._load_spend()
+        if self.clustered:
+            schema = self.store.schema()
+            self._log_channel, self._models_channel = log_channel(schema), models_channel(schema)
+            self._restore_from_log()
+        else:
+            self._restore_state()
+            self._load_spend()
 
     @property
     def policies(self) -> dict[str, Policy]:
@@ -228,14 +276,209 @@ class RouterService:
             learned[index] = max(learned[index], stored.feedback_id)
         self._learned = (learned[0], learned[1])
 
+    def _restore_from_log(self) -> None:
+        """Several replicas: the latest snapshots marked with a log position, then every log event after
+        them in position order (decisions, outcomes, rewards, preferences), as a running replica applies
+        them; a policy with no such snapshot learns from the whole log."""
+        snapshots = self.store.latest_snapshots(logged=True)
+        start: dict[str, int] = {}
+        for name, policy in self.policies.items():
+            row = snapshots.get(name)
+            if row is not None:
+                policy.restore(row.state)
+            start[name] = (row.last_seq or 0) if row is not None else 0
+        router_row = snapshots.get(ROUTER_STATE)
+        if router_row is not None:
+            self.engine.restore(router_row.state)
+        router_start = (router_row.last_seq or 0) if router_row is not None else 0
+        applied = min([*start.values(), router_start])
+        while True:
+            events, more = self.store.log_events(applied, 5000)
+            for event in events:
+                learners = {name for name, seq in start.items() if seq < event.seq}
+                self._apply_event(event, learners, router_start < event.seq)
+                applied = event.seq
+            if not more:
+                break
+        self.follower = LogFollower(self.store.log_events, self._apply_event, applied, self.config.cluster.poll_interval_s, self.replica)
+        self.follower.on_outage = self._database_down
+        self.metrics.memory_size.set(len(self.memory))
+
+    def _apply_event(self, event: LogEvent, learners: set[str] | None = None, with_router: bool = True) -> None:
+        """Apply one event of the shared log (several replicas); every replica applies the same events in
+        the same order, its own included, so their state is the same once they have applied the same
+        position."""
+        record = event.decision.record
+        if event.kind == "decision":
+            if (event.vector is not None and event.embedder == self.embedder.name and event.memory_id is not None
+                    and self.memory.entry(record.decision_id) is None):  # another replica's query (ours is there since deciding)
+                self.memory.add(np.array([event.memory_id], dtype=np.int64), event.vector.reshape(1, -1),
+                                [MemoryEntry(record.decision_id, event.chosen or record.chosen)])
+                self.metrics.memory_size.set(len(self.memory))
+            if event.decision.kind == "route" and with_router:  # the client calls the backend: the predicted cost is spent
+                self.engine.record_outcome(record.decision_id, event.chosen or record.chosen, event.predicted_cost_usd or 0.0, None)
+            return
+        if event.kind == "outcome":
+            if not with_router:
+                return
+            if event.decision.status == "ok" and record.backend is not None:
+                for backend, tokens in event.other_lengths:
+                    self.engine.observe_answer_length(backend, tokens)
+                self.engine.record_outcome(record.decision_id, record.backend, event.decision.cost_usd or 0.0, event.completion_tokens)
+            else:
+                self.engine.record_failure(record.decision_id)
+            return
+        if event.vector is not None and (learners is None or learners or with_router):
+            self._apply(event.decision, event.vector, event.reward, event.preference, learners, with_router)
+        if self._live:
+            self._since_snapshot += 1
+            if self._since_snapshot >= self.config.snapshot_every:
+                self._since_snapshot = 0
+                since, self._interval_start = self._interval_start, event.seq  # a snapshot another replica took since: enough
+                self._spawn(self._snapshot_in_background(since))
+
+    async def _snapshot_in_background(self, unless_since: int | None = None) -> None:
+        try:
+            await self.save_snapshot(unless_since)
+        except DatabaseUnavailable as exc:  # the log keeps everything: the next snapshot covers it
+            log.warning("snapshot skipped: %s", exc.message)
+
+    # -- database faults --------------------------------------------------------------------------
+
+    @property
+    def database_ok(self) -> bool:
+        """False from a failed attempt to reach the database until a probe (every second) reaches it again:
+        readiness should follow it, so a balancer sends requests elsewhere while it lasts."""
+        return self._outage is None
+
+    def _database_down(self, error: Exception) -> None:
+        if self._outage is None:
+            log.warning("database unavailable: %s", getattr(error, "message", error))
+        self._outage = error if isinstance(error, DatabaseUnavailable) else database_error(error) or DatabaseUnavailable(str(error))
+        if self._probe_task is None or self._probe_task.done():
+            with contextlib.suppress(RuntimeError):  # no running loop (at start): the next request finds out
+                self._probe_task = asyncio.get_running_loop().create_task(self._probe_database())
+
+    def _database_up(self) -> None:
+        if self._outage is not None:
+            log.warning("database reachable again")
+            self._outage = None
+            if self.follower is not None:
+                self.follower.wake()
+
+    async def _probe_database(self) -> None:
+        while self._outage is not None:
+            await asyncio.sleep(DATABASE_PROBE_S)
+            try:
+                await asyncio.to_thread(self.store.ping)
+            except Exception:  # noqa: BLE001 - still away
+                continue
+            self._database_up()
+
+    async def _db(self, work: Callable[..., T], *args: Any) -> T:
+        """A blocking database read in a worker thread; an outage becomes a 503 (DatabaseUnavailable)."""
+        try:
+            result = await asyncio.to_thread(work, *args)
+        except Exception as exc:
+            error = database_error(exc)
+            if error is None:
+                raise
+            self._database_down(error)
+            raise error from exc
+        self._database_up()
+        return result
+
+    async def take_rate_token(self, name: str, capacity: float, per_second: float) -> float:
+        """Several replicas: one token from the key's bucket in the database (0, or the seconds to wait)."""
+        return await self._db(take_rate_token, self.db, name, capacity, per_second)
+
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
         await self.check_backends()
         self._health_task = asyncio.create_task(self._health_loop())
         if self._predicting or self.config.answers.store:  # predictor policies, or answers to train the scorer on
-            self.training = TrainingScheduler(self.config, self._trained)
+            self.training = TrainingScheduler(self.config, self._trained, lease=self._training_lease if self.clustered else None)
             self.training.start()
+        if self.clustered:
+            await self._start_cluster()
+        self._live = True
+
+    async def _start_cluster(self) -> None:
+        """Release what this replica's previous run left (it died with calls running), follow the log,
+        listen for its notifications, and catch up before serving."""
+        assert self.follower is not None
+        cutoff = datetime.now(UTC) - timedelta(seconds=self.config.cluster.orphan_after_s)
+        ended = await self.writer.submit(lambda session: release_orphans(session, cutoff, self.replica))
+        if ended:
+            log.warning("released %d decisions left unanswered by a replica that stopped", len(ended))
+        self.follower.start()
+        self._listener = Listener(psycopg_url(self.db), [self._log_channel, self._models_channel], asyncio.get_running_loop(),
+                                  self._notified, self.follower.wake)
+        self._listener.start()
+        await self.follower.sync()
+        self._interval_start = self.follower.applied
+        self._cluster_task = asyncio.create_task(self._cluster_loop())
+
+    def _notified(self, channel: str) -> None:
+        if channel == self._models_channel:  # a replica promoted a predictor: swap it in here too
+            if self.training is not None or self._predicting:
+                self._spawn(asyncio.to_thread(self.predictors.reload))
+            return
+        assert self.follower is not None
+        self.follower.wake()
+
+    async def _cluster_loop(self) -> None:
+        """Look for a newly promoted predictor (a missed notification), and release what dead replicas left."""
+        cluster = self.config.cluster
+        sweep_every = max(5.0, cluster.orphan_after_s / 4)
+        swept = time.monotonic()
+        while True:
+            await asyncio.sleep(cluster.model_poll_s)
+            try:
+                if self.training is not None or self._predicting:
+                    await asyncio.to_thread(self.predictors.reload)
+                if time.monotonic() - swept > sweep_every:
+                    swept = time.monotonic()
+                    cutoff = datetime.now(UTC) - timedelta(seconds=cluster.orphan_after_s)
+                    await self.writer.submit(lambda session, before=cutoff: release_orphans(session, before))
+            except DatabaseUnavailable:
+                continue
+            except Exception:  # a failed round must not stop later ones
+                log.exception("cluster maintenance failed")
+
+    @contextlib.asynccontextmanager
+    async def _training_lease(self, trigger: str) -> Any:
+        """Several replicas: one trainer at a time (an advisory lock held for the run); a scheduled run is
+        also skipped when another replica already trained in this schedule period. After a run the other
+        replicas are told to look for a promoted model."""
+        async with advisory_lease(self.db, "train") as held:
+            if held and trigger == "schedule":
+                held = not await self._db(self._trained_recently)
+            yield held
+        if held:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(notify, self.db, self._models_channel)
+
+    def _trained_recently(self) -> bool:
+        """A training run started within half the schedule's period (on any replica)."""
+        runs = recent_runs(self.db, 1)
+        if not runs:
+            return False
+        p = self.config.predictors
+        now = datetime.now(UTC)
+        if p.schedule == "cron":
+            from apscheduler.triggers.cron import CronTrigger
+
+            trigger = CronTrigger.from_crontab(p.cron, timezone="UTC")
+            first = trigger.get_next_fire_time(None, now)
+            second = trigger.get_next_fire_time(first, first + timedelta(seconds=1)) if first else None
+            period = (second - first).total_seconds() if first and second else 3600.0
+        else:
+            period = p.interval_minutes * 60
+        started = datetime.fromisoformat(runs[0]["started_at"])
+        started = started if started.tzinfo else started.replace(tzinfo=UTC)
+        return (now - started).total_seconds() < period / 2
 
     async def train(self, trigger: str = "api") -> list[dict[str, Any]]:
         """One predictor training run now (in the worker process), then the hot swap."""
@@ -243,7 +486,11 @@ class RouterService:
             raise BadRequest(
                 f"no predictor policy ({', '.join(PREDICTED_POLICIES)}) runs and answers are not stored (answers.store); nothing to train"
             )
-        return await self.training.run(trigger)
+        runs = await self.training.run(trigger)
+        if not runs and self.clustered:
+            raise Conflict("another replica is training the predictors now (one trainer at a time); "
+                           "every replica swaps in the model it promotes")
+        return runs
 
     async def _trained(self, runs: list[dict[str, Any]]) -> None:
         if any(run["promoted"] for run in runs):
@@ -252,13 +499,21 @@ class RouterService:
     async def close(self) -> None:
         if self.training is not None:
             self.training.shutdown()
-        if self._health_task is not None:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+        for task in (self._health_task, self._cluster_task, self._probe_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._listener is not None:
+            self._listener.stop()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        await self.save_snapshot()
+        try:
+            await self.save_snapshot()
+        except DatabaseUnavailable as exc:  # the log has everything: the next start replays more of it
+            log.warning("no snapshot at shutdown: %s", exc.message)
+        if self.follower is not None:
+            await self.follower.close()
         await self.writer.close()
         await self.pool.close()
         self._embed_batcher.close()
@@ -286,7 +541,7 @@ class RouterService:
     async def purge_answers(self) -> int:
         """Erase stored answers older than the retention period (runs hourly while answers are stored)."""
         before = datetime.now(UTC) - timedelta(days=self.config.answers.retention_days)
-        return await self.writer.submit(lambda session: purge_answers(session, before))
+        return await self.writer.submit(lambda session: purge_answers(session, before), logged=False)
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)
@@ -305,7 +560,12 @@ class RouterService:
 
     async def decide(self, request: RoutingRequest, kind: str, tenant: str | None) -> Routed:
         """Decide and log. The caller's spending limit is read and the worst case reserved in one step
-        of the event loop (after the embedding await), so concurrent requests cannot overshoot it."""
+        of the event loop (after the embedding await), so concurrent requests cannot overshoot it.
+
+        Several replicas: the limit and the pacing headroom are read from the database, and the write
+        that logs the decision also takes its holds with conditional updates; when another replica took
+        the room first, the decision is forgotten and made again with what is left (a 429 once the key's
+        budget has no room for even the cheapest candidate)."""
         started = time.perf_counter()
         policy_name = request.policy or self.active_policy
         if policy_name not in self.policies:
@@ -323,38 +583,88 @@ class RouterService:
             Arm(n, self.pool.state(n).spec.price_per_1m_input_tokens_usd, self.pool.state(n).spec.price_per_1m_output_tokens_usd)
             for n in names
         ]
-        decision_id = "dec_" + uuid.uuid4().hex
-        memory_id = uuid.uuid4().int >> 65  # 63 bits: a positive int64 id for FAISS
-        limit = self.spend.limit(tenant)
-        record = self.engine.decide(
-            decision_id, memory_id, vector, estimate_tokens(request.prompt), candidates, policy=policy_name, pinned=pinned,
-            max_cost_usd=cap, output_limit=request.output_limit, spend_limit=limit, predictions=predictions,
-        )
-        plan = self._plan(request, record, kind, cap, pinned is not None)
-        if limit is not None and plan.worst_case_usd > limit.remaining_usd:  # every call must fit: fall back to one
-            plan = self._plan(request, record, "route", cap, True)
-        record.mode = plan.mode
-        self.spend.reserve(tenant, decision_id, plan.worst_case_usd)
-        self.engine.pacer.reserve(decision_id, plan.predicted_usd)
-        routed = Routed(record, kind, tenant, pinned is not None, plan)
-        new = NewDecision(record, kind, tenant, request.model, request.query, (time.perf_counter() - started) * 1000, memory_id,
-                          self.embedder.name, vector)
-        if kind == "chat":
-            self._answering[decision_id] = asyncio.get_running_loop().create_future()
-        try:
-            await self.writer.submit(lambda session: add_decision(session, new))
-        except BaseException:  # not logged, so not remembered either (and not counted against the tenant)
-            self.engine.forget(decision_id)
-            self.spend.settle(tenant, decision_id, 0.0)
-            self._answered(decision_id)
-            raise
-        if kind == "route":  # the client calls the backend itself: the predicted cost is what it spends
+        for _ in range(HOLD_ATTEMPTS):
+            decision_id = "dec_" + uuid.uuid4().hex
+            memory_id = uuid.uuid4().int >> 65  # 63 bits: a positive int64 id for FAISS
+            limit, headroom = await self._room(tenant)
+            record = self.engine.decide(
+                decision_id, memory_id, vector, estimate_tokens(request.prompt), candidates, policy=policy_name, pinned=pinned,
+                max_cost_usd=cap, output_limit=request.output_limit, spend_limit=limit, predictions=predictions, headroom_usd=headroom,
+            )
+            plan = self._plan(request, record, kind, cap, pinned is not None)
+            if limit is not None and plan.worst_case_usd > limit.remaining_usd:  # every call must fit: fall back to one
+                plan = self._plan(request, record, "route", cap, True)
+            record.mode = plan.mode
+            if not self.clustered:
+                self.spend.reserve(tenant, decision_id, plan.worst_case_usd)
+            self.engine.pacer.reserve(decision_id, plan.predicted_usd)
+            routed = Routed(record, kind, tenant, pinned is not None, plan)
+            holds = self._holds(routed, tenant) if self.clustered else []
+            routed.rules = [hold.rule for hold in holds]
+            new = NewDecision(record, kind, tenant, request.model, request.query, (time.perf_counter() - started) * 1000, memory_id,
+                              self.embedder.name, vector, self.replica)
+            if kind == "chat":
+                self._answering[decision_id] = asyncio.get_running_loop().create_future()
+            try:
+                await self.writer.submit(self._logging(new, holds))
+            except HoldRefused:  # another replica took the room first: decide again with what is left
+                self.engine.forget(decision_id)
+                self._answered(decision_id)
+                continue
+            except BaseException:  # not logged, so not remembered either (and not counted against the tenant)
+                self.engine.forget(decision_id)
+                self.spend.settle(tenant, decision_id, 0.0)
+                self._answered(decision_id)
+                raise
+            break
+        else:
+            raise (limit.refuse(record.worst_case_usd) if limit is not None else ServiceUnavailable(
+                "the pacing budget is contended by other replicas; retry"))
+        if kind == "route" and not self.clustered:  # the client calls the backend itself: the predicted cost is what it spends
             self.spend.settle(tenant, decision_id, record.predicted_cost_usd)
             self.engine.record_outcome(decision_id, record.chosen, record.predicted_cost_usd, None)
         self.metrics.memory_size.set(len(self.memory))
         self.metrics.decisions.labels(record.policy, record.chosen, kind).inc()
         self.metrics.decision_seconds.observe(time.perf_counter() - started)
         return routed
+
+    async def _room(self, tenant: str | None) -> tuple[SpendLimit | None, float | None]:
+        """The tenant's spending limit, and the pacing headroom to use instead of the engine's own (None:
+        the engine's). One process: the in-memory ledger. Several replicas: the database's rows."""
+        if not self.clustered:
+            return self.spend.limit(tenant), None
+        key = self.spend.rule(tenant)
+        rules = [rule for rule in (key, self._pacing_rule) if rule is not None]
+        if not rules:
+            return None, None
+        room = await self._db(self.store.spend_headroom, rules)
+        limit = self.spend.shared_limit(tenant, room[key.scope][1]) if key is not None and tenant is not None else None
+        headroom = room[self._pacing_rule.scope][0] if self._pacing_rule is not None else None
+        return limit, headroom
+
+    def _holds(self, routed: Routed, tenant: str | None) -> list[Hold]:
+        """Several replicas: what the decision's write takes from the database's spend rows: the key's
+        worst case, and the predicted cost against the pacing target (the cheapest candidate, a pinned
+        backend and a multi-call plan go whatever the headroom, as in one process). A `/v1/route`
+        decision spends its predicted cost at once."""
+        record, plan = routed.record, routed.plan
+        charge = record.predicted_cost_usd if routed.kind == "route" else None
+        holds = []
+        key = self.spend.rule(tenant)
+        if key is not None:
+            holds.append(Hold(key, plan.worst_case_usd, charge))
+        if self._pacing_rule is not None:
+            cheapest = min((a.predicted_cost_usd for a in record.arms), default=0.0)
+            force = routed.pinned or plan.mode != ROUTE or record.predicted_cost_usd <= cheapest + 1e-15
+            holds.append(Hold(self._pacing_rule, plan.predicted_usd, charge, force))
+        return holds
+
+    def _logging(self, new: NewDecision, holds: list[Hold]) -> Callable[[Any], None]:
+        def write(session: Any) -> None:
+            add_decision(session, new)
+            if holds:
+                take_holds(session, new.record.decision_id, holds, self.replica)
+        return write
 
     def _plan(self, request: RoutingRequest, record: DecisionRecord, kind: str, cap: float | None, pinned: bool) -> Plan:
         """The calls the request's mode will make (`/v1/route` decides one backend: always `route`)."""
@@ -368,7 +678,7 @@ class RouterService:
     # -- generating -------------------------------------------------------------------------------
 
     def _on_backend_error(self, routed: Routed, error: BackendError) -> None:
-        self.metrics.requests.labels(error.backend, "error").inc()
+        self.metrics.requests.labels(error.backend, "rejected" if error.client_fault else "error").inc()
         log.warning("decision %s: %s", routed.decision_id, error)
 
     def _terminal_error(self, routed: Routed, exhausted: FailoverExhausted) -> Exception:
@@ -390,17 +700,27 @@ class RouterService:
             waiting.set_result(None)
 
     async def _finish(self, routed: Routed, finish: Finish) -> None:
-        """The final write of a chat decision; the tenant's reservation becomes the real cost."""
+        """The final write of a chat decision; the tenant's reservation becomes the real cost (several
+        replicas: in the same transaction, on the database's spend rows)."""
+        charges = [(rule, finish.cost_usd or 0.0, finish.status == "ok") for rule in routed.rules]
+
+        def write(session: Any) -> None:
+            finish_decision(session, routed.decision_id, finish)
+            if charges:
+                settle_holds(session, routed.decision_id, charges)
+
         try:
-            self.spend.settle(routed.tenant, routed.decision_id, finish.cost_usd or 0.0)
-            await self.writer.submit(lambda session: finish_decision(session, routed.decision_id, finish))
+            if not self.clustered:
+                self.spend.settle(routed.tenant, routed.decision_id, finish.cost_usd or 0.0)
+            await self.writer.submit(write)
         finally:
             self._answered(routed.decision_id)
 
     def _record_answer(self, routed: Routed, backend: str, completion_tokens: int, cost_usd: float, latency_ms: float) -> None:
         routed.record.backend = backend
         routed.cost_usd = cost_usd
-        self.engine.record_outcome(routed.decision_id, backend, cost_usd, completion_tokens)
+        if not self.clustered:  # several replicas: every replica records it when it applies the outcome from the log
+            self.engine.record_outcome(routed.decision_id, backend, cost_usd, completion_tokens)
         if routed.plan.mode == ROUTE:  # a mode counts each of its calls as it makes them
             self.metrics.requests.labels(backend, "ok").inc()
             self.metrics.cost.labels(backend).inc(cost_usd)
@@ -411,7 +731,8 @@ class RouterService:
 
     async def _fail(self, routed: Routed, exhausted: FailoverExhausted) -> Exception:
         self.engine.record_failure(routed.decision_id)
-        await self._finish(routed, Finish("error", self._failures(routed), error=str(exhausted.last_error)))
+        status = "rejected" if exhausted.last_error is not None and exhausted.last_error.client_fault else "error"
+        await self._finish(routed, Finish(status, self._failures(routed), error=str(exhausted.last_error)))
         return self._terminal_error(routed, exhausted)
 
     async def _call(self, routed: Routed, call: Callable[[BackendState], Awaitable[T]]) -> tuple[str, T]:
@@ -512,7 +833,7 @@ class RouterService:
                                               cost_usd=routed.cost_usd or None, latency_ms=latency_ms, calls=calls))
             raise self._terminal_error(routed, exhausted)
         for call in answered:
-            if call is not delivered and call.completion_tokens is not None:
+            if call is not delivered and call.completion_tokens is not None and not self.clustered:
                 self.engine.observe_answer_length(call.backend, call.completion_tokens)
         self._record_answer(routed, delivered.backend, delivered.completion_tokens or 0, routed.cost_usd, latency_ms)
         await self._finish(routed, Finish(
@@ -611,7 +932,10 @@ class RouterService:
     ) -> FeedbackResult:
         """Record a reward or a preference durably; every policy learns from it right after the commit.
 
-        Only the key that made the decision may give feedback on it.
+        Only the key that made the decision may give feedback on it. Several replicas: the answer comes
+        once this replica has applied the log up to (at least) this feedback, so a client that posts a
+        reward and then asks the same replica sees it learned (read-your-writes); feedback on a chat
+        decision another replica is still answering waits for its outcome, as in one process.
         """
         if preference is not None:
             unknown = [b for b in preference if b not in self.pool]
@@ -623,12 +947,14 @@ class RouterService:
             decision, vector = load_decision(session, decision_id)
             if decision.tenant != tenant:
                 raise Forbidden(f"decision {decision_id} was made by another key; only that key may give feedback on it")
-            if decision.status == "error":
+            if decision.status in ("error", "rejected"):
                 raise Conflict(f"decision {decision_id} produced no answer ({decision.error}); nothing to reward")
+            if self.clustered and decision.kind == "chat" and decision.status == "routed":
+                raise _StillAnswering()
             if preference is not None:
-                return (decision, vector, *add_preference(session, decision_id, *preference))
+                return (decision, vector, *add_preference(session, decision_id, *preference, replica=self.replica))
             assert reward is not None
-            return (decision, vector, *add_reward(session, decision_id, reward))
+            return (decision, vector, *add_reward(session, decision_id, reward, replica=self.replica))
 
         def learn(written: tuple[StoredDecision, np.ndarray | None, int, bool]) -> None:
             decision, vector, feedback_id, duplicate = written
@@ -640,24 +966,53 @@ class RouterService:
             self._learned = (max(rewards, feedback_id), preferences) if preference is None else (rewards, max(preferences, feedback_id))
             self._since_snapshot += 1
 
-        _, _, _, duplicate = await self.writer.submit(write, learn)
         kind = "reward" if preference is None else "preference"
+        if self.clustered:
+            duplicate = await self._feedback_through_log(decision_id, write)
+        else:
+            _, _, _, duplicate = await self.writer.submit(write, learn)
         if not duplicate:
             self.metrics.rewards.labels(kind).inc()
-            if self._since_snapshot >= self.config.snapshot_every:
+            if not self.clustered and self._since_snapshot >= self.config.snapshot_every:
                 self._since_snapshot = 0
-                self._spawn(self.save_snapshot())
+                self._spawn(self._snapshot_in_background())
         return FeedbackResult(decision_id, kind, duplicate)
 
-    async def save_snapshot(self) -> None:
+    async def _feedback_through_log(self, decision_id: str, write: Callable[[Any], Any]) -> bool:
+        """Several replicas: write the feedback (waiting while another replica still answers the decision),
+        then apply the log up to it. Returns whether it was a duplicate."""
+        deadline = time.monotonic() + FEEDBACK_WAIT_S
+        pause = 0.02
+        while True:
+            try:
+                _, _, _, duplicate = await self.writer.submit(write)
+                break
+            except _StillAnswering:
+                if time.monotonic() > deadline:
+                    raise Conflict(f"decision {decision_id} is still being answered; post feedback once the answer is complete") from None
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.5)
+        assert self.follower is not None
+        await self.follower.sync()  # committed: once applied here, answer
+        return bool(duplicate)
+
+    async def save_snapshot(self, unless_since: int | None = None) -> bool:
         """Every policy's and the router's state, marked with the last feedback they include.
 
-        Taken in one step of the event loop, where learning also happens, so it is consistent.
+        Taken in one step of the event loop, where learning also happens, so it is consistent. Several
+        replicas: marked with the log position applied, and written by one replica at a time (one that
+        finds the lock taken, or a snapshot at or after `unless_since` (default: its own position), skips).
+        Returns whether it wrote.
         """
         states = {name: policy.snapshot() for name, policy in self.policies.items()}
         states[ROUTER_STATE] = self.engine.snapshot()
         learned = self._learned
-        await self.writer.submit(lambda session: write_snapshot(session, states, *learned))
+        if self.follower is None:
+            return bool(await self.writer.submit(lambda session: write_snapshot(session, states, *learned), logged=False))
+        seq = self.follower.applied
+        return bool(await self.writer.submit(
+            lambda session: write_snapshot(session, states, *learned, last_seq=seq, exclusive=True, unless_since=unless_since), logged=False
+        ))
 
     # -- inspection -------------------------------------------------------------------------------
 
@@ -667,11 +1022,37 @@ class RouterService:
         return {
             "models": await asyncio.to_thread(self.predictors.describe),
             "next_run": self.training.next_run() if self.training else None,
-            "runs": await asyncio.to_thread(recent_runs, self.db),
+            "runs": await self._db(recent_runs, self.db),
         }
 
+    async def _cluster_stats(self) -> dict[str, Any] | None:
+        """Several replicas: who this is, how far behind the shared log it may be, and the money the database holds."""
+        if self.follower is None:
+            return None
+        head = await self._db(self.store.log_head)
+        return {
+            "replica": self.replica,
+            "database_ok": self.database_ok,
+            "notifications": self._listener is not None and self._listener.connected,
+            "lag": {**self.follower.lag(), "head_seq": head, "behind": max(0, head - self.follower.applied)},
+            "spend": await self._db(self.store.spend_rows),
+        }
+
+    def _tenant_spend(self, rows: list[dict[str, Any]] | None) -> dict[str, Any]:
+        if rows is None:
+            return self.spend.describe()
+        now = datetime.now(UTC)
+        spent = {(r["scope"], r["period_start"]): r["spent_usd"] + r["running_usd"] for r in rows}
+        described = {}
+        for name, key in self.spend.budgeted().items():
+            period = period_start(key.budget_period, now).isoformat()
+            described[name] = {"max_spend_usd": key.max_spend_usd, "period": key.budget_period,
+                               "spent_usd": spent.get((f"key:{name}", period), 0.0)}
+        return described
+
     async def stats(self) -> dict[str, Any]:
-        summary = await asyncio.to_thread(self.store.summary)
+        summary = await self._db(self.store.summary)
+        cluster = await self._cluster_stats()
         engine = self.engine.stats()
         policies = {
             name: {**policy.stats(), "decisions": summary["policies"].get(name, {}), "shadow": engine["shadow"][name],
@@ -686,13 +1067,18 @@ class RouterService:
             "budget": engine["budget"],
             "expected_output_tokens": engine["expected_output_tokens"],
             "memory_queries": len(self.memory),
-            "tenant_spend": self.spend.describe(),
+            "tenant_spend": self._tenant_spend(cluster["spend"] if cluster else None),
             "predictors": await self._predictor_stats(),
             "failover": {
                 name: {"failures": self.pool.state(name).failures, "breaker": self.pool.state(name).breaker.describe()}
                 for name in self.pool.names()
             },
+            "cluster": cluster,
         }
+
+
+class _StillAnswering(Exception):
+    """Several replicas: the decision's outcome is not written yet (its replica is still answering)."""
 
 
 def replace_answer(call: Call, answer: str | None) -> Call:

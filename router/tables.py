@@ -52,7 +52,7 @@ class DecisionRow(SQLModel, table=True):
     max_cost_usd: float | None = None
     over_budget: bool = False
     decision_ms: float
-    status: str = Field(max_length=16, default="routed", description="routed | ok | error")
+    status: str = Field(max_length=16, default="routed", description="routed | ok | error | rejected (the backend refused the request as the client's fault)")
     error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     failed_backends: list[Any] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     prompt_tokens: int | None = None
@@ -61,6 +61,10 @@ class DecisionRow(SQLModel, table=True):
     latency_ms: float | None = None
     mode: str = Field(default="route", max_length=16, description="route | cascade | parallel | fuse | refine | s2p")
     answer: str | None = Field(default=None, sa_column=Column(Text, nullable=True), description="Delivered answer, when stored.")
+    # The shared log (PostgreSQL): positions in one sequence, assigned in commit order (see router.store).
+    seq: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True, index=True), description="Log position of the decision.")
+    finish_seq: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True, index=True), description="Log position of its outcome.")
+    replica: str | None = Field(default=None, max_length=64, description="Replica that made the decision.")
 
 
 class DecisionCall(SQLModel, table=True):
@@ -92,6 +96,8 @@ class Reward(SQLModel, table=True):
     decision_id: str = Field(foreign_key="decisions.id", unique=True, max_length=64)
     reward: float
     created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    seq: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True, index=True), description="Log position.")
+    replica: str | None = Field(default=None, max_length=64, description="Replica that recorded it.")
 
 
 class Preference(SQLModel, table=True):
@@ -104,6 +110,8 @@ class Preference(SQLModel, table=True):
     winner: str = Field(max_length=64)
     loser: str = Field(max_length=64)
     created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    seq: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True, index=True), description="Log position.")
+    replica: str | None = Field(default=None, max_length=64, description="Replica that recorded it.")
 
 
 class PolicySnapshot(SQLModel, table=True):
@@ -116,6 +124,7 @@ class PolicySnapshot(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
     last_reward_id: int = 0
     last_preference_id: int = 0
+    last_seq: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True), description="Log position it includes (PostgreSQL).")
     state: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
 
 
@@ -161,3 +170,42 @@ class TrainingRun(SQLModel, table=True):
     version: str | None = Field(default=None, max_length=64)
     error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class Spend(SQLModel, table=True):
+    """Money held in the database (several replicas): one row per key and budget period (`key:<name>`), and
+    one for the pacing target (`pacing`). `reserved_usd` is the sum of the holds of calls still running."""
+
+    __tablename__ = "spend"
+
+    scope: str = Field(primary_key=True, max_length=80)
+    period_start: datetime = Field(primary_key=True, sa_type=DateTime(timezone=True))
+    spent_usd: float = 0.0
+    reserved_usd: float = 0.0
+    settled: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"), description="Answers counted.")
+    balance_usd: float = Field(default=0.0, description="Hourly pacing target: unspent budget at balance_at.")
+    balance_at: float | None = Field(default=None, description="Unix seconds (the database's clock).")
+
+
+class SpendHold(SQLModel, table=True):
+    """A running call's reservation against a spend row, released once: settled with the real cost, or
+    released when its replica restarts or after `cluster.orphan_after_s`."""
+
+    __tablename__ = "spend_holds"
+
+    decision_id: str = Field(primary_key=True, max_length=64)
+    scope: str = Field(primary_key=True, max_length=80)
+    period_start: datetime = Field(sa_type=DateTime(timezone=True))
+    usd: float
+    replica: str | None = Field(default=None, max_length=64, index=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True), index=True)
+
+
+class RateBucket(SQLModel, table=True):
+    """A key's token bucket shared by every replica (`requests_per_minute`, `burst`)."""
+
+    __tablename__ = "rate_buckets"
+
+    name: str = Field(primary_key=True, max_length=64)
+    tokens: float
+    updated_at: float = Field(description="Unix seconds (the database's clock).")

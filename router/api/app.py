@@ -35,6 +35,7 @@ from router.api.protocol import (
     RouteResponse,
 )
 from router.api.responses import openai_completion, router_info, sse
+from router.db import database_error
 from router.errors import BadRequest, RouterError, UnsupportedMediaType
 from router.service import RouterService
 
@@ -88,24 +89,28 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
 
 
 def _unexpected_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    outage = database_error(exc)  # the database went away under a read the service did not wrap: still a 503
+    if outage is not None:
+        return _error(outage.status, outage.type, outage.message, outage.headers)
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return _error(HTTP_500_INTERNAL_SERVER_ERROR, "internal_error", "internal error; see the router's log")
 
 
-def _authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+async def _authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
     authenticator: Authenticator = connection.app.state.authenticator
     principal = authenticator.authenticate(connection.headers.get("authorization"))
+    await authenticator.admit(principal)  # several replicas: the rate limit held in the database
     connection.state.caller = principal
     return principal
 
 
-def client_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def client_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Any valid key (role client or admin); runs before the body is read, so 401 comes before 400."""
-    _authenticate(connection)
+    await _authenticate(connection)
 
 
-def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    _authenticate(connection).require("admin")
+async def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    (await _authenticate(connection)).require("admin")
 
 
 def json_body_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
@@ -226,6 +231,8 @@ async def metrics(service: NamedDependency[RouterService]) -> bytes:
 def create_app(service: RouterService, authenticator: Authenticator | None = None) -> Litestar:
     """`authenticator` defaults to the config's keys, for a server on the config's address."""
     authenticator = authenticator or Authenticator(service.config.auth, service.config.server.host, os.environ)
+    if service.clustered:  # several replicas: one bucket per key, in the database
+        authenticator.shared_buckets = service.take_rate_token
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:

@@ -1,7 +1,8 @@
 """Who is calling, what they may do, and how fast they may call.
 
-Keys live only as SHA-256 hashes. Rate limits are token buckets per key, per process: replicas sharing
-a database each enforce their own share of the rate. How much a key may spend is money, and lives in
+Keys live only as SHA-256 hashes. Rate limits are token buckets per key: in memory for one process;
+several replicas (`cluster.enabled`) share one bucket per key in the database (`shared_buckets`, taken
+in `admit`), so the limit holds across replicas. How much a key may spend is money, and lives in
 `router.budget`.
 """
 
@@ -12,7 +13,7 @@ import hmac
 import ipaddress
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -86,6 +87,9 @@ class Authenticator:
                 self.keys[(key.key_sha256 or "").lower()] = key
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
+        # Several replicas: (key name, capacity, tokens per second) -> seconds to wait (0: taken), in the database.
+        self.shared_buckets: Callable[[str, float, float], Awaitable[float]] | None = None
+        self._by_name = {key.name: key for key in self.keys.values()}
 
     def authenticate(self, authorization: str | None) -> Principal:
         """In open mode a configured key still names its tenant; no key, or any other key (OpenAI clients
@@ -97,8 +101,20 @@ class Authenticator:
             if not authorization:
                 raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
             raise Unauthorized("invalid API key")
-        self._rate_limit(key)
+        if self.shared_buckets is None:
+            self._rate_limit(key)
         return Principal(key.name, key.role, key.name)
+
+    async def admit(self, principal: Principal) -> None:
+        """Several replicas: the key's rate limit, from its bucket in the database (one process: nothing
+        to do here, `authenticate` applied it)."""
+        key = self._by_name.get(principal.name) if principal.tenant is not None else None
+        if self.shared_buckets is None or key is None or not key.requests_per_minute:
+            return
+        capacity = float(key.burst or max(1.0, key.requests_per_minute))
+        wait = await self.shared_buckets(key.name, capacity, key.requests_per_minute / 60)
+        if wait:
+            raise self._limited(key, wait)
 
     def _match(self, authorization: str | None) -> ApiKeyConfig | None:
         scheme, _, token = (authorization or "").partition(" ")
@@ -117,7 +133,11 @@ class Authenticator:
             bucket = self._buckets[key.name] = _Bucket(capacity, key.requests_per_minute / 60, capacity, now)
         wait = bucket.take(now)
         if wait:
-            raise TooManyRequests(
-                f"rate limit of key {key.name!r} reached ({key.requests_per_minute:g} requests per minute)",
-                retry_after_s=math.ceil(wait),
-            )
+            raise self._limited(key, wait)
+
+    @staticmethod
+    def _limited(key: ApiKeyConfig, wait: float) -> TooManyRequests:
+        return TooManyRequests(
+            f"rate limit of key {key.name!r} reached ({key.requests_per_minute:g} requests per minute)",
+            retry_after_s=math.ceil(wait),
+        )
