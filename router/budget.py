@@ -22,6 +22,10 @@ predicted cost of the candidates.
 Per-key budgets: a key's decisions reserve their worst-case cost (the output limit's worth of tokens)
 at decision time, in the same step of the event loop that checks the remaining budget, and settle
 with the real cost, so concurrent requests never overshoot the key's limit.
+
+Several replicas (`cluster.enabled`): the same rules, held in the database instead of in memory. A
+`SpendRule` names a row of the `spend` table (a key and its period, or the pacing target) and how its
+headroom is computed; the store reserves against it with one conditional UPDATE (see `router.store`).
 """
 
 from __future__ import annotations
@@ -226,6 +230,40 @@ def seconds_to_next_period(period: str, now: datetime) -> int | None:
     return max(1, math.ceil((end - now).total_seconds()))
 
 
+PACING_SCOPE = "pacing"
+
+
+@dataclass(frozen=True, slots=True)
+class SpendRule:
+    """A row of money held in the database and how much room it has: a key's budget in its period
+    (`limit_usd`), or the pacing target (per query: target x (answers + 1) - spent - running; per hour:
+    a balance filling at the hourly rate, capped at `max_carryover_hours` of it, minus running calls)."""
+
+    scope: str
+    period_start: datetime
+    limit_usd: float | None = None
+    target_usd_per_query: float | None = None
+    target_usd_per_hour: float | None = None
+    max_carryover_hours: float = 1.0
+
+    @property
+    def pacing(self) -> bool:
+        """A pacing target (counts answers; a failed call only releases its hold), not a key's budget."""
+        return self.limit_usd is None
+
+
+def key_rule(key: ApiKeyConfig, now: datetime) -> SpendRule:
+    return SpendRule(f"key:{key.name}", period_start(key.budget_period, now), limit_usd=key.max_spend_usd)
+
+
+def pacing_rule(pacer: BudgetPacer) -> SpendRule | None:
+    """The pacing target as a database row (None without a target)."""
+    if not pacer.targeted:
+        return None
+    return SpendRule(PACING_SCOPE, datetime.min.replace(tzinfo=UTC), target_usd_per_query=pacer.target_usd_per_query,
+                     target_usd_per_hour=pacer.target_usd_per_hour, max_carryover_hours=pacer.max_carryover_hours)
+
+
 @dataclass(frozen=True)
 class SpendLimit:
     """What one key may still spend in its current budget period, read in the step that reserves."""
@@ -264,7 +302,8 @@ class _Spend:
 class SpendLedger:
     """Per-key spend in the current budget period: reserved at decision time, settled with the real cost.
 
-    Per process: each replica rebuilds it from the database at start.
+    In memory, for one process (SQLite, or PostgreSQL without `cluster.enabled`): rebuilt from the
+    database at start. Several replicas hold it in the database instead (`SpendRule`).
     """
 
     def __init__(self, keys: list[ApiKeyConfig], now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
@@ -292,6 +331,18 @@ class SpendLedger:
             return None
         key = self._keys[tenant]
         remaining = max(0.0, key.max_spend_usd - self._current(tenant).usd)
+        return SpendLimit(key.name, key.max_spend_usd, key.budget_period, remaining, seconds_to_next_period(key.budget_period, self._now()))
+
+    def rule(self, tenant: str | None) -> SpendRule | None:
+        """Several replicas: the tenant's budget row in the database (None when it has no budget)."""
+        if tenant is None or tenant not in self._keys:
+            return None
+        return key_rule(self._keys[tenant], self._now())
+
+    def shared_limit(self, tenant: str, spent_and_reserved_usd: float) -> SpendLimit:
+        """Several replicas: the tenant's limit, from what the database holds as spent and running."""
+        key = self._keys[tenant]
+        remaining = max(0.0, key.max_spend_usd - spent_and_reserved_usd)
         return SpendLimit(key.name, key.max_spend_usd, key.budget_period, remaining, seconds_to_next_period(key.budget_period, self._now()))
 
     def reserve(self, tenant: str | None, decision_id: str, usd: float) -> None:

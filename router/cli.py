@@ -32,13 +32,27 @@ def launch_targets(config: RouterConfig) -> list:
     ]
 
 
-def serve(args: argparse.Namespace) -> int:
-    import uvicorn
+class _Interrupted(BaseException):
+    """SIGINT or SIGTERM: the same orderly stop at every phase (start-up, serving, after uvicorn returns)."""
 
-    from backends.launcher import BackendLauncher, LaunchError
-    from router.api import create_app
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise _Interrupted(signum)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Managed backends start first (each under a guard that stops it if this process dies, however), then
+    the service. SIGINT and SIGTERM stop both in order at every phase: during the backends' start-up
+    they interrupt it, while serving uvicorn shuts down gracefully (and re-raises the signal, which lands
+    here). Either way the managed backends are stopped before exit (status 0)."""
+    import signal
+
+    from backends.launcher import BackendLauncher, LaunchError, port_in_use
     from router.api.auth import Authenticator
-    from router.service import RouterService
 
     config = _load(args)
     host = args.host or config.server.host
@@ -48,29 +62,56 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"llm-router: {exc}", file=sys.stderr)
         return 2
+    if port_in_use(host, port):
+        print(f"llm-router: port {port} on {host} is already in use (server.port, --port); stop what listens there or choose "
+              "another port", file=sys.stderr)
+        return 1
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in handled}
     launcher = BackendLauncher(launch_targets(config), Path(config.log_dir))
     try:
         if launcher.targets:
             print(f"llm-router: starting {len(launcher.targets)} managed backends ...", file=sys.stderr, flush=True)
             launcher.start()
             launcher.wait_ready()
+            launcher.supervise()
+        import uvicorn
+
+        from router.api import create_app
+        from router.service import RouterService
+
+        if config.cluster.enabled and not config.cluster.replica_id:  # a stable name, so a restart finds what it left
+            import socket
+
+            config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"replica_id": f"{socket.gethostname()}:{port}"})})
         service = RouterService(config)
+        service.pool.launcher = launcher if launcher.targets else None
         print(f"llm-router: serving on http://{host}:{port} (policy {config.default_policy})", file=sys.stderr, flush=True)
         uvicorn.run(create_app(service, authenticator), host=host, port=port, log_level=os.environ.get("LLM_ROUTER_LOG_LEVEL", "INFO").lower())
+    except _Interrupted as stop:
+        print(f"llm-router: {signal.Signals(stop.signum).name}: stopping", file=sys.stderr, flush=True)
     except LaunchError as exc:
         print(f"llm-router: {exc}", file=sys.stderr)
         return 1
     finally:
-        launcher.stop()
+        for sig in handled:  # a second signal must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            if launcher.pids():
+                print("llm-router: stopping managed backends ...", file=sys.stderr, flush=True)
+            launcher.stop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return 0
 
 
 def config_check_command(args: argparse.Namespace) -> int:
     """Validate a config file as `serve` would (fields, environment overrides, keys, managed backends'
     command lines) without starting anything: exit 0 and a summary, or 2 and what is wrong."""
-    from backends.launcher import LaunchError, build_command
     from sqlalchemy.engine import make_url
 
+    from backends.launcher import LaunchError, build_command
     from router.api.auth import Authenticator
     from router.db import normalise_url
 
@@ -79,12 +120,13 @@ def config_check_command(args: argparse.Namespace) -> int:
         Authenticator(config.auth, config.server.host, os.environ)
         for target in launch_targets(config):
             build_command(target)
-        database = make_url(normalise_url(config.database_url)).get_backend_name()
     except (ConfigError, LaunchError) as exc:
         print(f"llm-router: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - e.g. an unparsable database URL: still the config's fault
-        print(f"llm-router: config file {args.file}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    try:
+        database = make_url(normalise_url(config.database_url)).get_backend_name()
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy's ArgumentError and friends: the URL cannot be used
+        print(f"llm-router: config file {args.file}: database_url (or DATABASE_URL): {exc}", file=sys.stderr)
         return 2
     managed = [b.name for b in config.backends if b.managed]
     print(f"config file {args.file}: ok: {len(config.backends)} backends ({', '.join(b.name for b in config.backends)}"
@@ -160,8 +202,23 @@ def replay_command(args: argparse.Namespace) -> int:
 
     config = _load(args)
     with_history = args.train_fraction is not None
+    if args.warm_start and not with_history:
+        print("llm-router: --warm-start needs --train-fraction (its history part is what the bandits warm-start from)", file=sys.stderr)
+        return 2
+    if args.mode != "route" and (args.peers or args.shadows):
+        print(f"llm-router: --mode {args.mode} does not combine with --peers or --shadows", file=sys.stderr)
+        return 2
+    if args.k is not None and (args.mode != "parallel" or args.k < 2):
+        print("llm-router: --k (at least 2) goes with --mode parallel", file=sys.stderr)
+        return 2
+    if args.mode == "cascade" and not with_history:
+        print("llm-router: --mode cascade needs --train-fraction: its order and its scorer come from the history part", file=sys.stderr)
+        return 2
+    if args.policy is None and args.mode != "cascade":
+        print("llm-router: --policy is required (a cascade needs none: its order comes from the history)", file=sys.stderr)
+        return 2
     try:
-        policies, skipped = select_policies(args.policy, with_history)
+        policies, skipped = select_policies(args.policy, with_history) if args.mode != "cascade" else ([], [])
     except ValueError as exc:
         print(f"llm-router: {exc}", file=sys.stderr)
         return 2
@@ -184,11 +241,14 @@ def replay_command(args: argparse.Namespace) -> int:
     if with_history:
         from router.training import train_settings
 
+        if args.warm_start and args.mode != "route":
+            print("llm-router: --warm-start goes with --mode route", file=sys.stderr)
+            return 2
         if not 0 < args.train_fraction < 1:
             print("llm-router: --train-fraction must be between 0 and 1", file=sys.stderr)
             return 2
-        if args.peers or args.budgets:
-            print("llm-router: --train-fraction does not combine with --peers or --budgets", file=sys.stderr)
+        if args.peers or (args.budgets and args.mode == "route"):
+            print("llm-router: --train-fraction does not combine with --peers, nor with --budgets in mode route", file=sys.stderr)
             return 2
         settings = train_settings(config).model_copy(update={"threads": os.cpu_count() or 1})
         train = TrainFraction(args.train_fraction, settings)
@@ -197,7 +257,7 @@ def replay_command(args: argparse.Namespace) -> int:
         budgets = [float(b) for b in args.budgets.split(",") if b.strip()] if args.budgets else None
         reports = run(args.data, policies, seeds, args.budget, Path(args.out), Embedder(config.embedder.path),
                       models=models, config=config, budgets=budgets, peers=args.peers, train=train, shadows=args.shadows,
-                      progress=progress)
+                      progress=progress, mode=args.mode, k=args.k, warm_start=args.warm_start)
     except (DatasetError, OSError, ValueError) as exc:
         print(f"llm-router: {exc}", file=sys.stderr)
         return 2
@@ -237,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     train_parser.set_defaults(run=train_command)
     replay_parser = commands.add_parser("replay", help="replay recorded outcomes through the routing engine")
     replay_parser.add_argument("--data", required=True, help="routing file in the shared data format (*.jsonl)")
-    replay_parser.add_argument("--policy", required=True,
+    replay_parser.add_argument("--policy", default=None,
                                help="policy name, comma-separated names, or 'all' (forc and hybrid only with --train-fraction)")
     replay_parser.add_argument("--seeds", default="0", help="comma-separated seeds, one online pass each")
     replay_parser.add_argument("--budget", type=float, default=None,
@@ -250,6 +310,14 @@ def main(argv: list[str] | None = None) -> int:
                                help="also run the config's other policies as shadows, as the service does (in decision times)")
     replay_parser.add_argument("--train-fraction", type=float, default=None,
                                help="history share of each shuffled stream: predictors train on it, the rest is routed")
+    replay_parser.add_argument("--warm-start", action="store_true",
+                               help="with --train-fraction: the bandits warm-start from the history part (every model's outcome, "
+                                    "as imported history) instead of learning it online with bandit feedback")
+    replay_parser.add_argument("--mode", choices=("route", "cascade", "parallel"), default="route",
+                               help="route: one call per prompt; cascade/parallel: answer-aware modes from the answers file "
+                                    "beside the routing file (X_routing.jsonl -> X_answers.jsonl), every call paid; "
+                                    "with --train-fraction the answer scorer trains on the history part")
+    replay_parser.add_argument("--k", type=int, default=None, help="backends called per prompt in --mode parallel (default: [modes] parallel_k)")
     replay_parser.add_argument("--config", help="config file: [budget], embedder, neighbours, policies, policy options, [predictors]")
     replay_parser.set_defaults(run=replay_command)
     args = parser.parse_args(argv)

@@ -214,6 +214,24 @@ class ModesConfig(_Strict):
     refiner: str = Field(default="", description="Backend that refines a draft; empty: the policy's next choice.")
 
 
+class ClusterConfig(_Strict):
+    """Several replicas on one PostgreSQL (see the README, "Several replicas"): a shared log every replica
+    applies, budgets and rate limits held in the database, one trainer."""
+
+    enabled: bool = Field(default=False, description="This process is one of several replicas sharing the database (PostgreSQL only).")
+    replica_id: str = Field(
+        default="", max_length=64, description="Stable name of this replica (default host:port); its unanswered reservations are "
+        "released when a replica of that name starts again.",
+    )
+    poll_interval_s: float = Field(
+        default=1.0, gt=0, le=60, description="Catch-up read of the log at least this often (notifications wake it sooner).",
+    )
+    orphan_after_s: float = Field(
+        default=900.0, gt=0, description="A reservation of a decision still unanswered after this long is released (its replica died).",
+    )
+    model_poll_s: float = Field(default=5.0, gt=0, le=3600, description="How often each replica looks for a newly promoted predictor.")
+
+
 class RouterConfig(_Strict):
     database_url: str = "sqlite:///var/llm-router.db"
     auto_migrate: bool = Field(default=True, description="Upgrade the database schema at start.")
@@ -233,6 +251,7 @@ class RouterConfig(_Strict):
     limits: LimitsConfig = LimitsConfig()
     answers: AnswersConfig = AnswersConfig()
     modes: ModesConfig = ModesConfig()
+    cluster: ClusterConfig = ClusterConfig()
     backends: list[BackendConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -255,6 +274,11 @@ class RouterConfig(_Strict):
                             ("modes.fuser", self.modes.fuser), ("modes.refiner", self.modes.refiner)):
             if name and name not in names:
                 raise ValueError(f"{field}: unknown backend {name!r}; backends: {names}")
+        if self.cluster.enabled and not self.database_url.startswith(("postgresql", "postgres:")):
+            raise ValueError(
+                "cluster.enabled: several replicas share their learning, budgets and rate limits through PostgreSQL and cannot "
+                f"run on {self.database_url.split(':', 1)[0]}; set DATABASE_URL=postgresql://... (SQLite serves one process only)"
+            )
         return self
 
     @property

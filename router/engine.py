@@ -189,6 +189,7 @@ class RoutingEngine:
         output_limit: int | None = None,
         spend_limit: SpendLimit | None = None,
         predictions: Predictions | None = None,
+        headroom_usd: float | None = None,
     ) -> DecisionRecord:
         """Choose among `candidates` (backends with their prices; the engine predicts their costs),
         remember the query, and reserve the predicted cost with the pacer.
@@ -196,6 +197,7 @@ class RoutingEngine:
         `max_cost_usd` is a soft cap (the cheapest backend is used when none fits). `spend_limit` is
         hard: a backend whose worst case (the whole `output_limit` generated) does not fit it is not a
         candidate, and when none fits the limit's 429 is raised before anything is remembered.
+        `headroom_usd` replaces the pacer's own headroom (several replicas: the one held in the database).
         """
         neighbours = self.memory.search(embedding, self.neighbours)
         arms = [
@@ -214,7 +216,7 @@ class RoutingEngine:
         over_budget = not affordable
         if over_budget:
             affordable = [min(arms, key=lambda a: a.predicted_cost_usd)]
-        headroom = self.pacer.headroom()
+        headroom = self.pacer.headroom() if headroom_usd is None else headroom_usd
         if headroom is not None and pinned is None:
             paced = [a for a in affordable if a.predicted_cost_usd <= headroom]
             affordable = paced or [min(affordable, key=lambda a: a.predicted_cost_usd)]

@@ -4,12 +4,24 @@ The store owns the rows: decisions go in as the engine's `DecisionRecord` (with 
 of the request) and come out as `StoredDecision`, so no other module builds or reads ORM objects, and
 vectors are decoded in one place. Every write commits before it returns, so whatever the API
 acknowledges is on disk.
+
+On PostgreSQL the rows are also one log that several replicas apply (`log_events`): a decision, its
+outcome, a reward and a preference each get a position from one sequence. Positions are assigned while
+the writing transaction holds a transaction-level advisory lock (`GroupWriter` takes it before the first
+logged write of a transaction and keeps it until the commit), so position order is commit order: a
+reader that sees position n has seen every position below it that will ever exist, and catching up by
+position loses nothing. The commit notifies the log's channel to wake the other replicas.
+
+Money and rate limits several replicas share are rows too: `spend` (per key and period, and the pacing
+target), the `spend_holds` of calls still running, and `rate_buckets`; they change only by single atomic
+statements that check the limit in their WHERE clause, so concurrent replicas cannot pass it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import heapq
 import logging
 from collections.abc import Callable, Iterator
@@ -18,16 +30,40 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import Engine, delete, func, select, text, update
 from sqlmodel import Session
 
+from router.budget import SpendRule
+from router.db import database_error, lock_key_sql
 from router.engine import DecisionRecord
 from router.errors import Conflict, NotFound
 from router.memory import MemoryEntry
 from router.modes import Call
-from router.tables import DecisionCall, DecisionRow, PolicySnapshot, Preference, QueryEmbedding, Reward
+from router.tables import DecisionCall, DecisionRow, PolicySnapshot, Preference, QueryEmbedding, Reward, Spend, SpendHold
 
 log = logging.getLogger("llm_router")
+
+LOG_SEQUENCE = "router_log_seq"  # PostgreSQL: the one sequence of log positions (migration 0005)
+
+
+def is_postgres(session_or_engine: Session | Engine) -> bool:
+    bind = session_or_engine.get_bind() if isinstance(session_or_engine, Session) else session_or_engine
+    return bind.dialect.name == "postgresql"
+
+
+def log_channel(schema: str) -> str:
+    """The NOTIFY channel of the log in `schema` (channels are per database, so the schema is in the name)."""
+    return "llm_router_log_" + hashlib.md5(schema.encode()).hexdigest()[:16]
+
+
+def models_channel(schema: str) -> str:
+    """The NOTIFY channel that says a predictor was promoted."""
+    return "llm_router_models_" + hashlib.md5(schema.encode()).hexdigest()[:16]
+
+
+def _next_seq(session: Session) -> Any:
+    """The next log position (an SQL expression evaluated in the INSERT/UPDATE), or None on SQLite."""
+    return func.nextval(LOG_SEQUENCE) if is_postgres(session) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +79,7 @@ class NewDecision:
     memory_id: int  # the query's id in the FAISS memory and in query_embeddings
     embedder: str
     vector: np.ndarray
+    replica: str | None = None  # several replicas: which one decided
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +109,7 @@ class StoredDecision:
     error: str | None
     cost_usd: float | None
     latency_ms: float | None
+    kind: str = "chat"  # chat | route
 
     @property
     def cost_for_learning(self) -> float:
@@ -91,6 +129,38 @@ class StoredFeedback:
     preference: tuple[str, str] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class LogEvent:
+    """One entry of the shared log, as every replica applies it, in position order.
+
+    `decision`: a decision was made (its query joins the memory; a `/v1/route` decision also spends its
+    predicted cost). `outcome`: a chat decision was answered or failed. `reward`, `preference`: feedback.
+    """
+
+    seq: int
+    kind: str  # decision | outcome | reward | preference
+    decision: StoredDecision
+    vector: np.ndarray | None = None
+    memory_id: int | None = None  # decision: the query's id in the memory
+    embedder: str | None = None  # decision
+    chosen: str | None = None  # decision: the policy's pick
+    predicted_cost_usd: float | None = None  # decision
+    at: datetime | None = None  # decision, reward, preference: when the row was written
+    replica: str | None = None  # decision, reward, preference: the replica that wrote it
+    completion_tokens: int | None = None  # outcome
+    other_lengths: tuple[tuple[str, int], ...] = ()  # outcome of a multi-call decision: lengths of answers not delivered
+    reward: float | None = None
+    preference: tuple[str, str] | None = None
+
+
+class HoldRefused(Exception):
+    """A reservation did not fit its spend row any more (another replica took the room first)."""
+
+    def __init__(self, scope: str) -> None:
+        super().__init__(f"no room left in {scope}")
+        self.scope = scope
+
+
 def _stored(row: DecisionRow) -> StoredDecision:
     record = DecisionRecord.from_columns(
         row.id, row.policy, row.chosen_backend or row.backend, row.backend if row.status == "ok" else None, row.propensity,
@@ -99,7 +169,7 @@ def _stored(row: DecisionRow) -> StoredDecision:
          "shadow": row.shadow},
     )
     record.mode = row.mode
-    return StoredDecision(record, row.tenant, row.status, row.error, row.cost_usd, row.latency_ms)
+    return StoredDecision(record, row.tenant, row.status, row.error, row.cost_usd, row.latency_ms, row.kind)
 
 
 def add_decision(session: Session, new: NewDecision) -> None:
@@ -111,7 +181,7 @@ def add_decision(session: Session, new: NewDecision) -> None:
         prompt_tokens_estimate=record.prompt_tokens, embedding_id=new.memory_id, policy=record.policy,
         backend=record.chosen, chosen_backend=record.chosen, propensity=record.propensity, scores=record.scores,
         predicted_cost_usd=record.predicted_cost_usd, max_cost_usd=record.max_cost_usd, over_budget=record.over_budget,
-        decision_ms=new.decision_ms, mode=record.mode, **record.columns(),
+        decision_ms=new.decision_ms, mode=record.mode, replica=new.replica, seq=_next_seq(session), **record.columns(),
     ))
     session.flush()
 
@@ -124,6 +194,8 @@ def finish_decision(session: Session, decision_id: str, finish: Finish) -> None:
         value = getattr(finish, name)
         if name != "calls" and (value is not None or name != "backend"):
             setattr(row, name, value)
+    if is_postgres(session):
+        row.finish_seq = _next_seq(session)
     for call in finish.calls:
         session.add(DecisionCall(
             decision_id=decision_id, position=call.position, role=call.role, backend=call.backend, status=call.status,
@@ -152,11 +224,11 @@ def load_decision(session: Session, decision_id: str) -> tuple[StoredDecision, n
     return _stored(row[0]), _vector(row[1])
 
 
-def add_reward(session: Session, decision_id: str, reward: float) -> tuple[int, bool]:
+def add_reward(session: Session, decision_id: str, reward: float, replica: str | None = None) -> tuple[int, bool]:
     """Insert the reward once; the same value again is a no-op (True), another value is a conflict."""
     existing = session.execute(select(Reward).where(Reward.decision_id == decision_id)).scalars().first()
     if existing is None:
-        row = Reward(decision_id=decision_id, reward=reward)
+        row = Reward(decision_id=decision_id, reward=reward, seq=_next_seq(session), replica=replica)
         session.add(row)
         session.flush()
         return int(row.id), False  # type: ignore[arg-type]
@@ -165,11 +237,11 @@ def add_reward(session: Session, decision_id: str, reward: float) -> tuple[int, 
     return int(existing.id), True  # type: ignore[arg-type]
 
 
-def add_preference(session: Session, decision_id: str, winner: str, loser: str) -> tuple[int, bool]:
+def add_preference(session: Session, decision_id: str, winner: str, loser: str, replica: str | None = None) -> tuple[int, bool]:
     """Insert the preference once; the same pair again is a no-op (True), another pair is a conflict."""
     existing = session.execute(select(Preference).where(Preference.decision_id == decision_id)).scalars().first()
     if existing is None:
-        row = Preference(decision_id=decision_id, winner=winner, loser=loser)
+        row = Preference(decision_id=decision_id, winner=winner, loser=loser, seq=_next_seq(session), replica=replica)
         session.add(row)
         session.flush()
         return int(row.id), False  # type: ignore[arg-type]
@@ -178,10 +250,26 @@ def add_preference(session: Session, decision_id: str, winner: str, loser: str) 
     return int(existing.id), True  # type: ignore[arg-type]
 
 
-def write_snapshot(session: Session, states: dict[str, dict[str, Any]], last_reward_id: int, last_preference_id: int, keep: int = 3) -> None:
-    """One row per policy (and one for the router), then drop all but the newest `keep` of each."""
+def write_snapshot(
+    session: Session, states: dict[str, dict[str, Any]], last_reward_id: int, last_preference_id: int, keep: int = 3,
+    last_seq: int | None = None, exclusive: bool = False, unless_since: int | None = None,
+) -> bool:
+    """One row per policy (and one for the router), then drop all but the newest `keep` of each.
+
+    `exclusive` (several replicas): only one replica writes at a time (an advisory lock; a replica that
+    does not get it skips), and none writes when a snapshot at or after log position `unless_since`
+    (default `last_seq`) exists: another replica took it in this interval. Returns whether it wrote.
+    """
+    if exclusive:
+        if not session.execute(text(f"SELECT pg_try_advisory_xact_lock({lock_key_sql('snapshot')})")).scalar():
+            return False
+        newest = session.execute(select(func.max(PolicySnapshot.last_seq))).scalar()
+        since = last_seq if unless_since is None else unless_since
+        if newest is not None and since is not None and newest >= since:
+            return False
     for name, state in states.items():
-        session.add(PolicySnapshot(policy=name, state=state, last_reward_id=last_reward_id, last_preference_id=last_preference_id))
+        session.add(PolicySnapshot(policy=name, state=state, last_reward_id=last_reward_id, last_preference_id=last_preference_id,
+                                   last_seq=last_seq))
     session.flush()
     for name in states:
         stale = session.execute(
@@ -189,6 +277,174 @@ def write_snapshot(session: Session, states: dict[str, dict[str, Any]], last_rew
         ).scalars().all()
         if stale:
             session.execute(delete(PolicySnapshot).where(PolicySnapshot.id.in_(stale)))
+    return True
+
+
+_NOW = "EXTRACT(EPOCH FROM clock_timestamp())"
+
+
+def _headroom_sql(rule: SpendRule) -> tuple[str, dict[str, float]]:
+    """What a spend row can still take (SQL over its columns) and the parameters it needs."""
+    if rule.limit_usd is not None:
+        return ":limit - spent_usd - reserved_usd", {"limit": rule.limit_usd}
+    if rule.target_usd_per_query:
+        return ":target * (settled + 1) - spent_usd - reserved_usd", {"target": rule.target_usd_per_query}
+    return _balance_sql() + " - reserved_usd", _balance_params(rule)
+
+
+def _balance_sql() -> str:
+    return f"LEAST(:cap, balance_usd + :rate * GREATEST(0, {_NOW} - COALESCE(balance_at, {_NOW})) / 3600.0)"
+
+
+def _balance_params(rule: SpendRule) -> dict[str, float]:
+    rate = rule.target_usd_per_hour or 0.0
+    return {"cap": rate * rule.max_carryover_hours, "rate": rate}
+
+
+def _ensure_spend_row(session: Session, rule: SpendRule) -> None:
+    """The row of `rule`, created on first use from what the decisions already spent in its period."""
+    from sqlalchemy.dialects.postgresql import insert
+
+    exists = session.execute(select(Spend.scope).where(Spend.scope == rule.scope, Spend.period_start == rule.period_start)).first()
+    if exists is not None:
+        return
+    cost = func.coalesce(DecisionRow.cost_usd, DecisionRow.predicted_cost_usd, 0.0)
+    if rule.pacing:
+        spent, settled = session.execute(
+            select(func.coalesce(func.sum(cost), 0.0), func.count())
+            .where((DecisionRow.status == "ok") | (DecisionRow.kind == "route"))
+        ).one()
+    else:
+        tenant = rule.scope.split(":", 1)[1]
+        spent, settled = session.execute(
+            select(func.coalesce(func.sum(cost), 0.0), func.count())
+            .where(DecisionRow.tenant == tenant, DecisionRow.created_at >= rule.period_start, DecisionRow.status.not_in(("error", "rejected")))
+        ).one()
+    balance = (rule.target_usd_per_hour or 0.0) / 60  # an hourly target starts with a minute's budget, as in one process
+    session.execute(
+        insert(Spend).values(scope=rule.scope, period_start=rule.period_start, spent_usd=float(spent), reserved_usd=0.0,
+                             settled=int(settled), balance_usd=balance, balance_at=text(_NOW))
+        .on_conflict_do_nothing()
+    )
+
+
+def spend_headroom(session: Session, rules: list[SpendRule]) -> dict[str, tuple[float, float]]:
+    """scope -> (headroom, spent + running) of each rule's row, creating rows on first use."""
+    room: dict[str, tuple[float, float]] = {}
+    for rule in rules:
+        _ensure_spend_row(session, rule)
+        expression, params = _headroom_sql(rule)
+        row = session.execute(
+            text(f"SELECT {expression}, spent_usd + reserved_usd FROM spend WHERE scope = :scope AND period_start = :period"),
+            {**params, "scope": rule.scope, "period": rule.period_start},
+        ).one()
+        room[rule.scope] = (float(row[0]), float(row[1]))
+    return room
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """What a decision takes from a spend row in the write that logs it: `usd` must fit the row's headroom
+    (a key: the worst case; pacing: the predicted cost, unless `force`: the cheapest candidate always
+    goes). A chat call keeps it held until `settle_holds`; a `/v1/route` decision spends `charge_usd` now."""
+
+    rule: SpendRule
+    usd: float
+    charge_usd: float | None = None
+    force: bool = False
+
+
+def take_holds(session: Session, decision_id: str, holds: list[Hold], replica: str | None) -> None:
+    """Reserve (or charge) every hold atomically against its row; HoldRefused if one does not fit (the
+    caller's savepoint then rolls back the decision and any hold taken before)."""
+    for hold in holds:
+        rule = hold.rule
+        headroom, params = _headroom_sql(rule)
+        if hold.charge_usd is None:
+            changes = "reserved_usd = reserved_usd + :usd"
+        else:
+            changes = "spent_usd = spent_usd + :charge, settled = settled + 1"
+            if rule.target_usd_per_hour:
+                changes += f", balance_usd = {_balance_sql()} - :charge, balance_at = {_NOW}"
+                params |= _balance_params(rule)
+        taken = session.execute(
+            text(f"UPDATE spend SET {changes} WHERE scope = :scope AND period_start = :period "
+                 f"AND (:force OR {headroom} >= :usd - 1e-12) RETURNING spent_usd"),
+            {**params, "usd": hold.usd, "charge": hold.charge_usd or 0.0, "force": hold.force, "scope": rule.scope,
+             "period": rule.period_start},
+        ).first()
+        if taken is None:
+            raise HoldRefused(rule.scope)
+        if hold.charge_usd is None:
+            session.add(SpendHold(decision_id=decision_id, scope=rule.scope, period_start=rule.period_start, usd=hold.usd,
+                                  replica=replica))
+    session.flush()
+
+
+def settle_holds(session: Session, decision_id: str, charges: list[tuple[SpendRule, float, bool]]) -> None:
+    """A chat decision ended: each (rule, real cost, answered) releases the decision's hold on that row (if
+    still there) and adds the cost; pacing counts an answer only when there was one."""
+    held = {
+        scope: usd
+        for scope, usd in session.execute(
+            delete(SpendHold).where(SpendHold.decision_id == decision_id).returning(SpendHold.scope, SpendHold.usd)
+        ).all()
+    }
+    for rule, cost, answered in charges:
+        counted = answered or not rule.pacing
+        changes = "reserved_usd = GREATEST(0, reserved_usd - :held)"
+        params: dict[str, Any] = {"held": held.get(rule.scope, 0.0), "cost": cost if counted else 0.0, "scope": rule.scope,
+                                  "period": rule.period_start}
+        if counted:
+            changes += ", spent_usd = spent_usd + :cost, settled = settled + 1"
+            if rule.target_usd_per_hour:
+                changes += f", balance_usd = {_balance_sql()} - :cost, balance_at = {_NOW}"
+                params |= _balance_params(rule)
+        session.execute(text(f"UPDATE spend SET {changes} WHERE scope = :scope AND period_start = :period"), params)
+
+
+ORPHANED = "the replica that made this decision stopped before its answer was recorded"
+
+
+def release_orphans(session: Session, before: datetime, replica: str | None = None) -> list[str]:
+    """Holds and unanswered chat decisions left by a replica that died: those of `replica` (its previous
+    run, at its start) and any older than `before`. Holds are released, the decisions end as errors
+    (an outcome in the log). Returns the decisions ended."""
+    mine = (SpendHold.replica == replica) if replica else False
+    for scope, period, usd in session.execute(
+        delete(SpendHold).where(mine | (SpendHold.created_at < before)).returning(SpendHold.scope, SpendHold.period_start, SpendHold.usd)
+    ).all():
+        session.execute(
+            update(Spend).where(Spend.scope == scope, Spend.period_start == period)
+            .values(reserved_usd=func.greatest(0.0, Spend.reserved_usd - usd))
+        )
+    stale = (DecisionRow.replica == replica) if replica else False
+    ended = session.execute(
+        update(DecisionRow)
+        .where(DecisionRow.kind == "chat", DecisionRow.status == "routed", stale | (DecisionRow.created_at < before))
+        .values(status="error", error=ORPHANED, finish_seq=_next_seq(session))
+        .returning(DecisionRow.id)
+    ).scalars().all()
+    return list(ended)
+
+
+def take_rate_token(engine: Engine, name: str, capacity: float, per_second: float) -> float:
+    """One token from the key's bucket shared by every replica (the database's clock): 0 when taken,
+    else the seconds until one is available."""
+    now = _NOW
+    refill = f"LEAST(:capacity, rate_buckets.tokens + ({now} - rate_buckets.updated_at) * :rate)"
+    params = {"name": name, "capacity": capacity, "rate": per_second}
+    with engine.begin() as connection:
+        # A bucket is a rate, not a record: no need to wait for the disk (a crash forgets at most a few tokens).
+        connection.execute(text("SET LOCAL synchronous_commit = off"))
+        taken = connection.execute(text(
+            f"INSERT INTO rate_buckets (name, tokens, updated_at) VALUES (:name, :capacity - 1, {now}) "
+            f"ON CONFLICT (name) DO UPDATE SET tokens = {refill} - 1, updated_at = {now} WHERE {refill} >= 1 RETURNING tokens"
+        ), params).first()
+        if taken is not None:
+            return 0.0
+        tokens = connection.execute(text(f"SELECT {refill} FROM rate_buckets WHERE name = :name"), params).scalar()
+    return max(0.001, (1.0 - float(tokens or 0.0)) / per_second)
 
 
 @dataclass
@@ -196,6 +452,7 @@ class _Job:
     work: Callable[[Session], Any]
     after: Callable[[Any], None] | None
     future: asyncio.Future[Any]
+    logged: bool = True  # may write log rows: on PostgreSQL the transaction takes the log lock first
 
 
 class GroupWriter:
@@ -205,20 +462,31 @@ class GroupWriter:
     is answered only after the transaction holding its write has committed, and its `after` callback
     (e.g. learning from the reward) runs on the event loop right after that commit, before any other
     coroutine, so state derived from the log never lags what the log acknowledged.
+
+    On PostgreSQL a transaction with a `logged` write takes the log's advisory lock before that write (not
+    inside its savepoint: a rolled-back savepoint would release it) and holds it to the commit, so log
+    positions are in commit order across every process writing to the database; the commit notifies
+    the log's channel. A commit that fails because the database cannot be reached is reported to each
+    caller as `DatabaseUnavailable` (503).
     """
 
     def __init__(self, engine: Engine, max_batch: int = 512) -> None:
         self.engine = engine
         self.max_batch = max_batch
+        self.postgres = is_postgres(engine)
+        self.on_outage: Callable[[Exception], None] | None = None  # a commit failed: the database is unreachable
+        self.on_commit: Callable[[], None] | None = None  # a commit succeeded
+        self._channel: str | None = None
         self._queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task[None] | None = None
 
-    async def submit(self, work: Callable[[Session], Any], after: Callable[[Any], None] | None = None) -> Any:
+    async def submit(self, work: Callable[[Session], Any], after: Callable[[Any], None] | None = None, logged: bool = True) -> Any:
+        """`logged=False` for writes that add no log rows (snapshots, purges): they do not wait for the log lock."""
         if self._task is None or self._task.done():
             self._queue = asyncio.Queue()
             self._task = asyncio.create_task(self._run())
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Job(work, after, future))  # type: ignore[union-attr]
+        self._queue.put_nowait(_Job(work, after, future, logged))  # type: ignore[union-attr]
         return await asyncio.shield(future)
 
     async def _run(self) -> None:
@@ -231,10 +499,15 @@ class GroupWriter:
             try:
                 outcomes = await asyncio.to_thread(self._commit, jobs)
             except Exception as exc:  # the commit itself failed: nobody in it is acknowledged
+                error = database_error(exc)
+                if error is not None and self.on_outage is not None:
+                    self.on_outage(error)
                 for job in jobs:
                     if not job.future.done():
-                        job.future.set_exception(exc)
+                        job.future.set_exception(error or exc)
                 continue
+            if self.on_commit is not None:
+                self.on_commit()
             for job, (ok, value) in zip(jobs, outcomes):
                 if ok and job.after is not None:
                     try:
@@ -247,12 +520,22 @@ class GroupWriter:
     def _commit(self, jobs: list[_Job]) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
         with Session(self.engine, expire_on_commit=False) as session:
+            locked = False
             for job in jobs:
+                if self.postgres and job.logged and not locked:
+                    session.execute(text(f"SELECT pg_advisory_xact_lock({lock_key_sql('log')})"))
+                    locked = True
                 try:
                     with session.begin_nested():
                         outcomes.append((True, job.work(session)))
                 except Exception as exc:  # noqa: BLE001 - delivered to that job's caller
+                    if database_error(exc) is not None:  # the connection is gone: the whole transaction is
+                        raise
                     outcomes.append((False, exc))
+            if locked:
+                if self._channel is None:
+                    self._channel = log_channel(session.execute(text("SELECT current_schema()")).scalar_one())
+                session.execute(select(func.pg_notify(self._channel, "")))
             session.commit()
         return outcomes
 
@@ -330,13 +613,117 @@ class Store:
         with Session(self.engine) as session:
             total = session.execute(
                 select(func.sum(func.coalesce(DecisionRow.cost_usd, DecisionRow.predicted_cost_usd, 0.0)))
-                .where(DecisionRow.tenant == tenant, DecisionRow.created_at >= since, DecisionRow.status != "error")
+                .where(DecisionRow.tenant == tenant, DecisionRow.created_at >= since, DecisionRow.status.not_in(("error", "rejected")))
             ).scalar()
         return float(total or 0.0)
 
-    def latest_snapshots(self) -> dict[str, PolicySnapshot]:
+    def ping(self) -> None:
+        """One round trip to the database (raises when it cannot be reached)."""
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+
+    def schema(self) -> str:
+        """The schema the tables are in (PostgreSQL; names the log's notification channels)."""
+        with self.engine.connect() as connection:
+            return str(connection.execute(text("SELECT current_schema()")).scalar_one())
+
+    def log_events(self, after: int, limit: int = 1000) -> tuple[list[LogEvent], bool]:
+        """The log after position `after`, in order, and whether more follows: a prefix of what is
+        committed (read in one snapshot; since positions are in commit order, no position below the last
+        one returned can appear later)."""
+        with Session(self.engine.execution_options(isolation_level="REPEATABLE READ")) as session:
+            decisions = session.execute(
+                select(DecisionRow, QueryEmbedding.vector, QueryEmbedding.embedder)
+                .outerjoin(QueryEmbedding, QueryEmbedding.id == DecisionRow.embedding_id)
+                .where(DecisionRow.seq > after).order_by(DecisionRow.seq).limit(limit)
+            ).all()
+            outcomes = session.execute(
+                select(DecisionRow).where(DecisionRow.finish_seq > after).order_by(DecisionRow.finish_seq).limit(limit)
+            ).scalars().all()
+            multi = [row.id for row in outcomes if row.mode != "route" and row.status == "ok"]
+            lengths: dict[str, list[tuple[str, int]]] = {}
+            if multi:
+                for decision_id, backend, tokens in session.execute(
+                    select(DecisionCall.decision_id, DecisionCall.backend, DecisionCall.completion_tokens)
+                    .where(DecisionCall.decision_id.in_(multi), DecisionCall.status == "ok", DecisionCall.delivered.is_(False),
+                           DecisionCall.completion_tokens.is_not(None))
+                    .order_by(DecisionCall.decision_id, DecisionCall.position)
+                ).all():
+                    lengths.setdefault(decision_id, []).append((backend, int(tokens)))
+            rewards = session.execute(
+                select(Reward.seq, Reward.created_at, Reward.reward, DecisionRow, QueryEmbedding.vector, Reward.replica)
+                .join(DecisionRow, DecisionRow.id == Reward.decision_id)
+                .outerjoin(QueryEmbedding, QueryEmbedding.id == DecisionRow.embedding_id)
+                .where(Reward.seq > after).order_by(Reward.seq).limit(limit)
+            ).all()
+            preferences = session.execute(
+                select(Preference.seq, Preference.created_at, Preference.winner, Preference.loser, DecisionRow, QueryEmbedding.vector,
+                       Preference.replica)
+                .join(DecisionRow, DecisionRow.id == Preference.decision_id)
+                .outerjoin(QueryEmbedding, QueryEmbedding.id == DecisionRow.embedding_id)
+                .where(Preference.seq > after).order_by(Preference.seq).limit(limit)
+            ).all()
+            events = [
+                LogEvent(int(row.seq), "decision", _stored(row), _vector(vector), row.embedding_id, embedder, row.chosen_backend or row.backend,
+                         row.predicted_cost_usd, row.created_at, row.replica)
+                for row, vector, embedder in decisions
+            ]
+            events += [
+                LogEvent(int(row.finish_seq), "outcome", _stored(row), completion_tokens=row.completion_tokens,
+                         other_lengths=tuple(lengths.get(row.id, ())))
+                for row in outcomes
+            ]
+            events += [
+                LogEvent(int(seq), "reward", _stored(d), _vector(v), at=at, replica=replica, reward=float(r))
+                for seq, at, r, d, v, replica in rewards
+            ]
+            events += [
+                LogEvent(int(seq), "preference", _stored(d), _vector(v), at=at, replica=replica, preference=(w, loser))
+                for seq, at, w, loser, d, v, replica in preferences
+            ]
+        # A source that filled its page may have more below another source's last position: stop at the lowest such end.
+        pages: dict[str, list[int]] = {}
+        for event in events:
+            pages.setdefault(event.kind, []).append(event.seq)
+        ends = [positions[-1] for positions in pages.values() if len(positions) == limit]
+        events.sort(key=lambda e: e.seq)
+        if ends:
+            events = [e for e in events if e.seq <= min(ends)]
+        return events, bool(ends)
+
+    def log_head(self) -> int:
+        """The highest committed log position (0 when the log is empty or the database is SQLite)."""
+        if not is_postgres(self.engine):
+            return 0
         with Session(self.engine) as session:
-            latest = select(PolicySnapshot.policy, func.max(PolicySnapshot.id).label("id")).group_by(PolicySnapshot.policy).subquery()
+            return int(session.execute(select(func.greatest(
+                select(func.max(DecisionRow.seq)).scalar_subquery(), select(func.max(DecisionRow.finish_seq)).scalar_subquery(),
+                select(func.max(Reward.seq)).scalar_subquery(), select(func.max(Preference.seq)).scalar_subquery(),
+            ))).scalar() or 0)
+
+    def spend_headroom(self, rules: list[SpendRule]) -> dict[str, tuple[float, float]]:
+        with Session(self.engine) as session:
+            room = spend_headroom(session, rules)
+            session.commit()
+            return room
+
+    def spend_rows(self) -> list[dict[str, Any]]:
+        """Every spend row (several replicas: money held in the database), for the stats."""
+        with Session(self.engine) as session:
+            return [
+                {"scope": row.scope, "period_start": row.period_start.isoformat(), "spent_usd": row.spent_usd,
+                 "running_usd": row.reserved_usd, "answers": row.settled}
+                for row in session.execute(select(Spend).order_by(Spend.scope, Spend.period_start)).scalars()
+            ]
+
+    def latest_snapshots(self, logged: bool = False) -> dict[str, PolicySnapshot]:
+        """The newest snapshot of each policy (and of the router); `logged`: only those marked with a log
+        position (several replicas restore from the log)."""
+        with Session(self.engine) as session:
+            latest = select(PolicySnapshot.policy, func.max(PolicySnapshot.id).label("id"))
+            if logged:
+                latest = latest.where(PolicySnapshot.last_seq.is_not(None))
+            latest = latest.group_by(PolicySnapshot.policy).subquery()
             rows = session.execute(select(PolicySnapshot).join(latest, PolicySnapshot.id == latest.c.id)).scalars().all()
             for row in rows:
                 session.expunge(row)

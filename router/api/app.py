@@ -218,6 +218,8 @@ async def health(service: NamedDependency[RouterService]) -> dict[str, Any]:
 @get("/ready", summary="Readiness: 200 while a backend can serve, 503 while none can")
 async def ready(service: NamedDependency[RouterService]) -> Response[dict[str, Any]]:
     availability = _availability(service)
+    if not service.database_ok:
+        return Response({"status": "database_unavailable", **availability}, status_code=HTTP_503_SERVICE_UNAVAILABLE)
     if not service.pool.eligible():
         return Response({"status": "unavailable", **availability}, status_code=HTTP_503_SERVICE_UNAVAILABLE)
     return Response({"status": "ready", **availability})

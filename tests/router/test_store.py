@@ -95,3 +95,86 @@ async def test_the_writer_survives_a_failing_after_commit_callback(engine):
     await writer.close()
     with Session(engine) as session:
         assert session.execute(select(func.count()).select_from(Reward)).scalar_one() == 1
+
+
+@pytest.fixture
+def pg_engine(pg_url):
+    engine = create_db_engine(pg_url)
+    migrate(engine)
+    yield engine
+    engine.dispose()
+
+
+async def test_log_positions_follow_commit_order_across_writers(pg_engine):
+    """Two writers (two replicas) committing at once: positions are in commit order, so a reader that
+    pages through the log by position sees decision, outcome, reward in that order, and nothing twice."""
+    from router.store import Store
+
+    writers = [GroupWriter(pg_engine), GroupWriter(pg_engine)]
+    await asyncio.gather(*(writers[i % 2].submit(lambda s, i=i: add_decision(s, _decision(i))) for i in range(40)))
+    await asyncio.gather(
+        *(writers[i % 2].submit(lambda s, i=i: finish_decision(s, f"d{i}", Finish("ok", [], backend="b", cost_usd=1e-5))) for i in range(40)),
+    )
+    await asyncio.gather(*(writers[(i + 1) % 2].submit(lambda s, i=i: add_reward(s, f"d{i}", 0.5)) for i in range(40)))
+    for writer in writers:
+        await writer.close()
+    store, after, seen = Store(pg_engine), 0, []
+    while True:
+        events, more = store.log_events(after, limit=7)  # small pages: the cut between sources must lose nothing
+        seen += events
+        after = events[-1].seq if events else after
+        if not more:
+            break
+    assert [e.seq for e in seen] == sorted({e.seq for e in seen})
+    assert [e.kind for e in seen].count("decision") == 40 and [e.kind for e in seen].count("reward") == 40
+    for i in range(40):
+        kinds = [e.kind for e in seen if e.decision.record.decision_id == f"d{i}"]
+        assert kinds == ["decision", "outcome", "reward"], kinds
+    assert store.log_head() == seen[-1].seq
+
+
+async def test_spend_holds_never_pass_a_limit_and_orphans_are_released(pg_engine):
+    from datetime import UTC, datetime, timedelta
+
+    from router.budget import SpendRule
+    from router.store import Hold, HoldRefused, Store, release_orphans, settle_holds, take_holds
+    from router.tables import DecisionRow, Spend
+
+    store, writer = Store(pg_engine), GroupWriter(pg_engine)
+    epoch = datetime.min.replace(tzinfo=UTC)
+    key = SpendRule("key:team", epoch, limit_usd=3e-5)
+    per_query = SpendRule("pacing", epoch, target_usd_per_query=1e-5)
+    hourly = SpendRule("hourly", epoch, target_usd_per_hour=3.6, max_carryover_hours=1.0)  # $0.001 per second, starts with $0.06
+    room = store.spend_headroom([key, per_query, hourly])
+    assert room["key:team"] == (pytest.approx(3e-5), 0.0) and room["pacing"][0] == pytest.approx(1e-5)
+    assert 0.06 <= room["hourly"][0] <= 0.07
+
+    def decide(i: int, holds: list[Hold], replica: str = "r1"):
+        def work(session):
+            new = _decision(i)
+            add_decision(session, NewDecision(new.record, "chat", "team", "auto", "q", 1.0, i + 1, "test", new.vector, replica))
+            take_holds(session, f"d{i}", holds, replica)
+        return work
+
+    results = await asyncio.gather(*(writer.submit(decide(i, [Hold(key, 1e-5)])) for i in range(6)), return_exceptions=True)
+    assert sum(r is None for r in results) == 3 and all(isinstance(r, HoldRefused) for r in results if r is not None)
+    taken = [i for i, r in enumerate(results) if r is None]
+    done = Finish("ok", [], backend="a", cost_usd=1e-5)
+    await writer.submit(lambda s: (finish_decision(s, f"d{taken[0]}", done), settle_holds(s, f"d{taken[0]}", [(key, 1e-5, True)])))
+    assert store.spend_headroom([key])["key:team"][0] == pytest.approx(0.0, abs=1e-12), "spent and running fill the limit"
+    # pacing per query: the cheapest goes even past the target (force); an answer raises the allowance by one target
+    with pytest.raises(HoldRefused):
+        await writer.submit(decide(10, [Hold(per_query, 2e-5)]))
+    await writer.submit(decide(11, [Hold(per_query, 2e-5, force=True), Hold(hourly, 0.05)]))
+    await writer.submit(lambda s: (finish_decision(s, "d11", done), settle_holds(s, "d11", [(per_query, 2e-5, True), (hourly, 0.05, True)])))
+    room = store.spend_headroom([per_query, hourly])
+    assert room["pacing"][0] == pytest.approx(1e-5 * 2 - 2e-5)
+    assert 0.01 <= room["hourly"][0] <= 0.03, "the hourly balance lost what the answer cost"
+    # a replica that died: its next start (or the age sweep) releases its holds and ends its unanswered decisions
+    released = await writer.submit(lambda s: release_orphans(s, datetime.now(UTC) - timedelta(hours=1), "r1"))
+    assert sorted(released) == sorted(f"d{i}" for i in taken[1:])
+    with Session(pg_engine) as session:
+        assert session.execute(select(Spend.reserved_usd).where(Spend.scope == "key:team")).scalar_one() == pytest.approx(0.0, abs=1e-12)
+        row = session.get(DecisionRow, f"d{taken[1]}")
+        assert row.status == "error" and row.finish_seq is not None
+    await writer.close()
