@@ -18,7 +18,7 @@ class FakeVLLM:
     A stand-in only for failures a real vLLM cannot be made to show on demand.
     """
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, port: int = 0) -> None:
         self.model = model
         self.health_status = 200
         self.chat_status = 200
@@ -110,7 +110,7 @@ class FakeVLLM:
                 self.wfile.flush()
                 self.close_connection = True
 
-        self._http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._http = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._http.daemon_threads = True
         self.port = self._http.server_address[1]
         self._thread = threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
