@@ -10,6 +10,7 @@ from policies.base import (
     Choice,
     Context,
     Feedback,
+    HistoryPrompt,
     Neighbour,
     Policy,
     PolicyError,
@@ -19,6 +20,6 @@ from policies.base import (
 )
 
 __all__ = [
-    "PREDICTED_POLICIES", "Arm", "Choice", "Context", "Feedback", "Neighbour", "Policy", "PolicyError", "Predictions",
+    "PREDICTED_POLICIES", "Arm", "Choice", "Context", "Feedback", "HistoryPrompt", "Neighbour", "Policy", "PolicyError", "Predictions",
     "importance_weight", "registry",
 ]

@@ -58,7 +58,8 @@ class Predictions:
 
     `quality`, `output_tokens`: FORC's per-arm estimates (a length is None where training saw none);
     `cost_usd`: the router's pricing of them. `small_ok`: Hybrid-LLM's P(the small backend is good
-    enough), with the pair it was trained on and its calibrated threshold.
+    enough), with the pair it was trained on and its calibrated threshold. `mf_quality`: RouteLLM's matrix
+    factorisation's per-arm quality estimate (`router.predictors.mf`).
     """
 
     quality: Mapping[str, float] | None = None
@@ -68,6 +69,18 @@ class Predictions:
     small: str | None = None
     large: str | None = None
     threshold: float | None = None
+    mf_quality: Mapping[str, float] | None = None  # RouteLLM's matrix factorisation: per-arm quality estimate
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPrompt:
+    """One prompt of imported history (`llm-router import`): every backend's recorded quality on it (and
+    cost where known), with the query as a policy sees it. What `Policy.warm_start` learns from."""
+
+    embedding: np.ndarray
+    prompt_tokens: int
+    qualities: Mapping[str, float]
+    costs: Mapping[str, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +193,7 @@ class Policy(ABC):
         self.seed = seed
         self._rng = random.Random(seed)
         self._tallies: dict[str, ArmTally] = {}
+        self._warm_prompts = 0  # history prompts `warm_start` learnt from
 
     def choose(self, context: Context) -> Choice:
         """Decide for a query: the choice this policy would make, counted as a pull."""
@@ -215,18 +229,34 @@ class Policy(ABC):
             raise PolicyError("winner and loser must differ")
         self._learn_preference(context, winner, loser)
 
+    def warm_start(self, history: list[HistoryPrompt]) -> int:
+        """Seed what the policy knows from imported history, where every backend's outcome on each prompt
+        is known (full information, unlike the one answer per query the policy learns from online), so a
+        deployment with history does not start from zero. Returns the prompts used (0: this policy has
+        no warm start). Outcomes of backends the policy never routes to do no harm; qualities must be in
+        [0, 1]."""
+        for prompt in history:
+            bad = [q for q in prompt.qualities.values() if not 0.0 <= q <= 1.0]
+            if bad:
+                raise PolicyError(f"history qualities must be in [0, 1], got {bad[0]}")
+        used = self._warm_start([p for p in history if p.qualities])
+        self._warm_prompts += used
+        return used
+
     def snapshot(self) -> dict[str, Any]:
         """A JSON-serialisable picture of the whole state, enough for `restore` to continue from."""
         return {
             "tallies": {arm: vars(t).copy() for arm, t in self._tallies.items()},
             "rng": _encode_rng(self._rng.getstate()),
             "state": self._snapshot(),
+            "warm_start_prompts": self._warm_prompts,
         }
 
     def restore(self, snapshot: dict[str, Any]) -> None:
         self._tallies = {arm: ArmTally(**t) for arm, t in snapshot["tallies"].items()}
         self._rng.setstate(_decode_rng(snapshot["rng"]))
         self._restore(snapshot["state"])
+        self._warm_prompts = snapshot.get("warm_start_prompts", 0)
 
     def stats(self) -> dict[str, Any]:
         """`pulls`: choices this policy made since start; `feedback`: rewards it learned from (any policy's)."""
@@ -238,6 +268,7 @@ class Policy(ABC):
                 for arm, t in sorted(self._tallies.items())
             },
             "internals": self._internals(),
+            "warm_start_prompts": self._warm_prompts,
         }
 
     def _tally(self, arm: str) -> ArmTally:
@@ -251,6 +282,10 @@ class Policy(ABC):
 
     def _learn_preference(self, context: Context, winner: str, loser: str) -> None:
         """Policies that learn from scalar rewards only ignore preferences."""
+
+    def _warm_start(self, history: list[HistoryPrompt]) -> int:
+        """Policies without a warm start (random, fixed) ignore history."""
+        return 0
 
     def _snapshot(self) -> dict[str, Any]:
         return {}
@@ -275,18 +310,20 @@ def _decode_rng(encoded: list) -> tuple:
 # name -> module that defines it: the registry imports a policy's module only when the policy is used,
 # so importing the shared types (as router.memory and router.budget do) loads no policy and no VW.
 POLICY_MODULES = {
+    "auto": "policies.auto",
     "elo": "policies.elo",
     "fixed": "policies.fixed",
     "forc": "policies.forc",
     "gradient": "policies.gradient",
     "hybrid": "policies.hybrid",
+    "mf": "policies.mf",
     "qlearning": "policies.qlearning",
     "random": "policies.random_policy",
     "thompson": "policies.thompson",
     "vw": "policies.vw",
 }
 # Policies that route on trained predictors; the predictor kinds (router.predictors) carry their names.
-PREDICTED_POLICIES = ("forc", "hybrid")
+PREDICTED_POLICIES = ("forc", "hybrid", "mf")
 
 
 class _Registry:

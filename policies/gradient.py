@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from policies.base import Choice, Context, Feedback, PolicyError, registry, softmax
+from policies.base import Choice, Context, Feedback, HistoryPrompt, PolicyError, registry, softmax
 from policies.pickllm import PickLLMPolicy
 
 GLOBAL = "all"
@@ -77,6 +77,25 @@ class GradientPolicy(PickLLMPolicy):
                 table[arm] = table.get(arm, 0.0) + step * advantage * (indicator - probabilities[arm])
             baseline[0] += feedback.weight
             baseline[1] += feedback.weight / baseline[0] * (reward - baseline[1])
+
+    def _warm_start(self, history: list[HistoryPrompt]) -> int:
+        """Preferences from imported history by full-information gradient ascent: with every backend's
+        reward known, the expected update of `_learn` is H[a] += step * pi[a] * (r[a] - sum_b pi[b] r[b]),
+        taken once per prompt in its cluster and globally; the baseline becomes the mean reward."""
+        for prompt in history:
+            arms = list(prompt.qualities)
+            rewards = {a: self.history_reward(q) for a, q in prompt.qualities.items()}
+            cluster = str(self.clusters.observe(prompt.embedding))
+            for key in ([cluster, GLOBAL] if self.clusters.n_clusters > 1 else [GLOBAL]):
+                probabilities = self._probabilities(key, arms)
+                expected = sum(probabilities[a] * rewards[a] for a in arms)
+                table = self._table(key)
+                for arm in arms:
+                    table[arm] = table.get(arm, 0.0) + self.step_size * probabilities[arm] * (rewards[arm] - expected)
+                baseline = self._baseline.setdefault(key, [0.0, 0.0])
+                baseline[0] += 1.0
+                baseline[1] += (sum(rewards.values()) / len(rewards) - baseline[1]) / baseline[0]
+        return len(history)
 
     def _snapshot(self) -> dict[str, Any]:
         return {"preferences": self._preferences, "baseline": self._baseline, "clusters": self.clusters.snapshot()}

@@ -44,6 +44,11 @@ class PickLLMPolicy(Policy):
         latency = math.log1p(max(feedback.latency_ms, 0.0) / 1000.0)
         return self.quality_weight * feedback.reward - self.cost_weight * cost - self.latency_weight * latency
 
+    def history_reward(self, quality: float) -> float:
+        """The PickLLM reward of an imported outcome: its quality term (history has no latency, and the
+        cost term needs the cost scale of a live decision)."""
+        return self.quality_weight * quality
+
     def _pickllm_internals(self) -> dict[str, Any]:
         return {
             "reward_weights": {"quality": self.quality_weight, "cost": self.cost_weight, "latency": self.latency_weight},

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from policies.base import Choice, Context, Feedback, Policy, PolicyError, registry
+from policies.base import Choice, Context, Feedback, HistoryPrompt, Policy, PolicyError, registry
 
 
 class PredictedPolicy(Policy):
@@ -44,6 +44,9 @@ class PredictedPolicy(Policy):
 
     def _learn_preference(self, context: Context, winner: str, loser: str) -> None:
         self.fallback.learn_preference(context, winner, loser)
+
+    def _warm_start(self, history: list[HistoryPrompt]) -> int:
+        return self.fallback.warm_start(history)
 
     def _snapshot(self) -> dict[str, Any]:
         return {"fallback": self.fallback.snapshot()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from policies.base import Choice, Context, Feedback, PolicyError, epsilon_greedy_probabilities, registry
+from policies.base import Choice, Context, Feedback, HistoryPrompt, PolicyError, epsilon_greedy_probabilities, registry
 from policies.pickllm import PickLLMPolicy
 
 GLOBAL = "all"
@@ -62,6 +62,18 @@ class QLearningPolicy(PickLLMPolicy):
             entry[0] += feedback.weight
             step = feedback.weight / entry[0] if self.alpha is None else min(1.0, self.alpha * feedback.weight)
             entry[1] += step * (reward - entry[1])
+
+    def _warm_start(self, history: list[HistoryPrompt]) -> int:
+        """Q-values from imported history: every backend's reward on every prompt, in its cluster and globally."""
+        for prompt in history:
+            cluster = str(self.clusters.observe(prompt.embedding))
+            for key in ([cluster, GLOBAL] if self.clusters.n_clusters > 1 else [GLOBAL]):
+                for arm, quality in prompt.qualities.items():
+                    entry = self._q.setdefault(key, {}).setdefault(arm, [0.0, 0.0])
+                    entry[0] += 1.0
+                    step = 1.0 / entry[0] if self.alpha is None else self.alpha
+                    entry[1] += step * (self.history_reward(quality) - entry[1])
+        return len(history)
 
     def _snapshot(self) -> dict[str, Any]:
         return {"q": self._q, "clusters": self.clusters.snapshot()}

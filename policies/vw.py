@@ -63,7 +63,18 @@ from urllib.parse import quote
 import numpy as np
 from vowpalwabbit import Workspace
 
-from policies.base import MAX_IMPORTANCE_WEIGHT, Choice, Context, Feedback, Policy, PolicyError, importance_weight, registry
+from policies.base import (
+    MAX_IMPORTANCE_WEIGHT,
+    Arm,
+    Choice,
+    Context,
+    Feedback,
+    HistoryPrompt,
+    Policy,
+    PolicyError,
+    importance_weight,
+    registry,
+)
 
 MIN_PROBABILITY = 1e-3  # floor on every arm's probability, so logged propensities stay usable
 
@@ -109,6 +120,7 @@ class VowpalWabbitPolicy(Policy):
         learning_rate: float = 0.5,
         quadratic: bool = True,
         max_importance_weight: float = 1.0,
+        warm_passes: int = 2,
     ) -> None:
         if exploration not in ("squarecb", "epsilon"):
             raise PolicyError(f"exploration must be 'squarecb' or 'epsilon', got {exploration!r}")
@@ -122,7 +134,10 @@ class VowpalWabbitPolicy(Policy):
             raise PolicyError(f"quadratic must be true or false, got {quadratic!r}")
         if not 0.1 <= max_importance_weight <= MAX_IMPORTANCE_WEIGHT:
             raise PolicyError(f"max_importance_weight must be in [0.1, {MAX_IMPORTANCE_WEIGHT:g}], got {max_importance_weight}")
+        if isinstance(warm_passes, bool) or not isinstance(warm_passes, int) or warm_passes < 0:
+            raise PolicyError(f"warm_passes must be a non-negative integer, got {warm_passes!r}")
         super().__init__(seed)
+        self.warm_passes = warm_passes
         self.options: dict[str, Any] = {
             "exploration": exploration,
             "epsilon": float(epsilon),
@@ -177,6 +192,19 @@ class VowpalWabbitPolicy(Policy):
         self._vw.learn(examples)
         self._vw.finish_example(examples)
         self._learned += 1
+
+    def _warm_start(self, history: list[HistoryPrompt]) -> int:
+        """`warm_passes` passes over imported history: on every prompt, every backend's outcome is one
+        labelled example, logged as if by a uniform router (propensity 1/K, importance weight 1), with the
+        prompt's costs as the backends' predicted costs where the history has them."""
+        for _ in range(self.warm_passes):
+            for prompt in history:
+                costs = prompt.costs or {}
+                arms = tuple(Arm(name, 0.0, 0.0, costs.get(name, 0.0)) for name in prompt.qualities)
+                context = Context(prompt.embedding, prompt.prompt_tokens, arms)
+                for name, quality in prompt.qualities.items():
+                    self._learn(Feedback(context, name, quality, 1.0 / len(arms)))
+        return len(history) if self.warm_passes else 0
 
     def _snapshot(self) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as directory:

@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     replay_parser = commands.add_parser("replay", help="replay recorded outcomes through the routing engine")
     replay_parser.add_argument("--data", required=True, help="routing file in the shared data format (*.jsonl)")
     replay_parser.add_argument("--policy", default=None,
-                               help="policy name, comma-separated names, or 'all' (forc and hybrid only with --train-fraction)")
+                               help="policy name, comma-separated names, or 'all' (forc, hybrid and mf only with --train-fraction)")
     replay_parser.add_argument("--seeds", default="0", help="comma-separated seeds, one online pass each")
     replay_parser.add_argument("--budget", type=float, default=None,
                                help="target mean cost per query in USD (replaces the config's [budget] target)")

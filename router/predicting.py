@@ -46,10 +46,11 @@ class PredictorSet:
         """Whether a predictor policy's model is loaded (the scorer does not route)."""
         return self.forc is not None or self.hybrid is not None
 
-    def score(self, query: str, answers: Sequence[str]) -> list[float] | None:
-        """The scorer's value in [0,1] for each answer to `query` (higher is better); None while no scorer is loaded."""
+    def score(self, query: str, answers: Sequence[str], backends: Sequence[str | None] | None = None) -> list[float] | None:
+        """The scorer's value in [0,1] for each answer to `query` (higher is better); None while no scorer is
+        loaded. `backends` (optional, one per answer) adds the scorer's learned prior of each backend."""
         scorer = self.scorer
-        return None if scorer is None else scorer.score(query, answers)
+        return None if scorer is None else scorer.score(query, answers, backends)
 
     def predict(self, texts: list[str]) -> list[Predictions]:
         """Each model's view of each text; a field stays None while its model is missing."""

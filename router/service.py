@@ -1016,9 +1016,7 @@ class RouterService:
 
     # -- inspection -------------------------------------------------------------------------------
 
-    async def _predictor_stats(self) -> dict[str, Any] | None:
-        if self.training is None:
-            return None
+    async def _predictor_stats(self) -> dict[str, Any]:
         return {
             "models": await asyncio.to_thread(self.predictors.describe),
             "next_run": self.training.next_run() if self.training else None,

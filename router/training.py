@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import multiprocessing
 import time
@@ -58,10 +59,15 @@ def run_training(config: RouterConfig, trigger: str) -> list[dict[str, Any]]:
         backends = [b.name for b in config.backends]
         outcomes = training_outcomes(db, backends)
         store = ArtifactStore(config.predictors.artifacts_dir)
-        return [
+        runs = [
             _train_scorer(db, config, store, trigger) if kind == "scorer" else _train_one(db, config, store, kind, outcomes, backends, trigger)
             for kind in KINDS
         ]
+        if "mf" in config.policy_names:  # RouteLLM's matrix factorisation, trained when the `mf` policy runs
+            from router.predictors.mf import mf_training_run
+
+            runs.append(mf_training_run(db, config, trigger))
+        return runs
     finally:
         db.dispose()
 
@@ -167,13 +173,17 @@ def _child_job(config_json: str, trigger: str) -> list[dict[str, Any]]:
 class TrainingScheduler:
     """APScheduler inside the service: runs the job in one worker process, then hot-swaps promoted models."""
 
-    def __init__(self, config: RouterConfig, on_trained: Callable[[list[dict[str, Any]]], Any]) -> None:
+    def __init__(
+        self, config: RouterConfig, on_trained: Callable[[list[dict[str, Any]]], Any],
+        lease: Callable[[str], contextlib.AbstractAsyncContextManager[bool]] | None = None,
+    ) -> None:
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
         from apscheduler.triggers.cron import CronTrigger
         from apscheduler.triggers.interval import IntervalTrigger
 
         self.config = config
         self._on_trained = on_trained
+        self._lease = lease  # several replicas: runs only while holding it (one trainer at a time)
         self._executor = concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         self._running = asyncio.Lock()
         self.scheduler = AsyncIOScheduler(timezone="UTC")
@@ -187,12 +197,19 @@ class TrainingScheduler:
         self.scheduler.start()
 
     async def run(self, trigger: str = "schedule") -> list[dict[str, Any]]:
-        """One training run in the worker process; overlapping calls wait for the one in progress."""
+        """One training run in the worker process; overlapping calls wait for the one in progress. With a
+        lease (several replicas), it runs only while holding it: no run ([]) when another replica does."""
         async with self._running:
-            loop = asyncio.get_running_loop()
-            runs = await loop.run_in_executor(self._executor, _child_job, self.config.model_dump_json(), trigger)
-            await self._on_trained(runs)
-            return runs
+            if self._lease is None:
+                return await self._train(trigger)
+            async with self._lease(trigger) as held:
+                return await self._train(trigger) if held else []
+
+    async def _train(self, trigger: str) -> list[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        runs = await loop.run_in_executor(self._executor, _child_job, self.config.model_dump_json(), trigger)
+        await self._on_trained(runs)
+        return runs
 
     def next_run(self) -> str | None:
         job = self.scheduler.get_job("train-predictors")

@@ -6,6 +6,8 @@ Layout (imports point down only; nothing imports `peers` but the evaluation, laz
   training for `--train-fraction`).
 - `peers`: MABWiser and river on the same stream (imports `passes`, never the reverse).
 - `report`: references, reports, the comparison table, budget sweeps and RouteLLM metrics.
+- `modes`: the answer-aware modes (`cascade`, `parallel`) from the answers file beside the routing file,
+  with the answer scorer trained on the history part.
 - `plots`: matplotlib figures.
 `run` below is what `llm-router replay` calls.
 """
@@ -44,16 +46,24 @@ def run(
     train: TrainFraction | None = None,
     shadows: bool = False,
     progress: Callable[[str], None] | None = None,
+    mode: str = "route",
+    k: int | None = None,
+    warm_start: bool = False,
 ) -> list[dict[str, Any]]:
     """Replay `policies` (and peers) over `data` under `config` (`budget_usd`, when given, replacing its
     budget target); write report.json per method, and for several a table and plots. `progress` is told
-    what runs next."""
+    what runs next. `mode` `cascade` or `parallel` (with `k` calls, default the config's) replays an
+    answer-aware mode instead (`router.replay.modes`): one report per policy for parallel, one for cascade."""
     config = replay_config(config, budget_usd)
     dataset = load_dataset(data, models)
     if progress:
         progress(f"embedding {len(dataset.prompts)} prompts")
-    vectors = embed_dataset(data, dataset, embedder, cache_dir or Path.home() / ".cache" / "llm-router" / "embeddings")
-    evaluation = Evaluation(dataset, vectors, seeds, config, train, shadows)
+    cache_dir = cache_dir or Path.home() / ".cache" / "llm-router" / "embeddings"
+    vectors = embed_dataset(data, dataset, embedder, cache_dir)
+    if mode != "route":
+        return _run_mode(data, dataset, vectors, policies, seeds, config, train, embedder, mode, k, budgets, out,
+                         cache_dir.parent / "scorers", progress)
+    evaluation = Evaluation(dataset, vectors, seeds, config, train, shadows, warm_start=warm_start and train is not None)
     two_models = len(dataset.models) == 2
     sweep_budgets = budgets or (evaluation.two_model_budgets() if two_models else None)
     methods = [(p, False) for p in policies]
@@ -67,11 +77,12 @@ def run(
             progress(f"{method} ({number}/{len(methods)})")
         passes = evaluation.passes(method, peer)
         result = report(dataset, method, seeds, passes, config, None if peer else train, peer=peer,
-                        shadows=shadow_names(config, method) if shadows and not peer else None)
+                        shadows=shadow_names(config, method) if shadows and not peer else None, warm_start=evaluation.warm_start)
         if sweep_budgets:
-            result["budget_sweep"] = evaluation.sweep(method, peer, sweep_budgets)
+            call_share = two_models and not budgets  # RouteLLM's sweep: the strong model's call share
+            result["budget_sweep"] = evaluation.sweep(method, peer, sweep_budgets, call_share=call_share)
             if two_models:
-                result.update(evaluation.routellm_metrics(result["budget_sweep"]))
+                result.update(evaluation.routellm_metrics(result["budget_sweep"], call_share=call_share))
         reports.append(result)
         runs[method] = passes
     if sweep_budgets:
@@ -89,4 +100,28 @@ def run(
 
         (out / "comparison.md").write_text(comparison_table(reports))
         plot(reports, runs, out)
+    return reports
+
+
+def _run_mode(data: str | Path, dataset: Dataset, vectors: Any, policies: list[str], seeds: list[int], config: RouterConfig,
+              train: TrainFraction | None, embedder: Any, mode: str, k: int | None, budgets: list[float] | None, out: Path,
+              scorer_cache: Path, progress: Callable[[str], None] | None) -> list[dict[str, Any]]:
+    from router.replay.modes import ModeEvaluation, ModeSettings, mode_report, plot_mode
+
+    settings = ModeSettings(mode, k or config.modes.parallel_k, config.modes.cascade_threshold, config.modes.cascade_max_calls)
+    evaluation = ModeEvaluation(data, dataset, vectors, seeds, config, train, embedder, settings, scorer_cache, progress)
+    budget = config.budget.target_usd_per_query or None
+    reports = []
+    for number, policy in enumerate(policies if mode == "parallel" else ["frontier"], 1):
+        if progress:
+            progress(f"{mode} {policy} ({number})")
+        reports.append(mode_report(evaluation, policy, budget, budgets))
+    several = len(reports) > 1
+    for r in reports:
+        target = out / r["policy"] if several else out
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "report.json").write_text(json.dumps(r, indent=2))
+        plot_mode(r, target)
+    if several:
+        (out / "comparison.md").write_text(comparison_table(reports))
     return reports

@@ -96,6 +96,35 @@ def _prices(path: Path, prompts: list[Prompt], names: list[str]) -> list[Arm]:
     return candidates
 
 
+def answers_file(path: str | Path) -> Path:
+    """The answers file beside a routing file: `X_routing.jsonl` -> `X_answers.jsonl` (`X.jsonl` -> `X_answers.jsonl`)."""
+    path = Path(path)
+    stem = path.name.removesuffix(".jsonl").removesuffix("_routing")
+    return path.with_name(f"{stem}_answers.jsonl")
+
+
+def load_answers(path: str | Path, dataset: Dataset) -> list[dict[str, str]]:
+    """Per prompt of `dataset` (in its order), each model's answer text, from the answers file beside the
+    routing file `path` (format in shared/data/README.md). Every prompt needs an answer of every model."""
+    source = answers_file(path)
+    if not source.is_file():
+        raise DatasetError(f"{Path(path).name}: no answers file beside it ({source.name}); answer-aware modes need one")
+    by_id: dict[str, dict[str, str]] = {}
+    for number, line in enumerate(source.read_text().split("\n"), 1):  # not splitlines: answers may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            by_id[str(row["id"])] = {str(model): str(text) for model, text in row["answers"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DatasetError(f"{source}:{number}: not an answers record ({exc})") from exc
+    names = dataset.model_names
+    missing = [p.id for p in dataset.prompts if p.id not in by_id or any(n not in by_id[p.id] for n in names)]
+    if missing:
+        raise DatasetError(f"{source}: {len(missing)} prompts lack an answer of some model (e.g. {missing[0]})")
+    return [{n: by_id[p.id][n] for n in names} for p in dataset.prompts]
+
+
 def output_tokens(outcome: Outcome, prompt: Prompt, price: Arm) -> float:
     """Recorded answer length, or the length the recorded cost implies (data that bills input only -> 0)."""
     if outcome.output_tokens is not None:

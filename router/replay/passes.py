@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from policies import PREDICTED_POLICIES, registry
+from policies import PREDICTED_POLICIES, HistoryPrompt, registry
 from router.config import BudgetConfig, RouterConfig, load_config
 from router.engine import build_engine
 from router.replay.data import Dataset, output_tokens
@@ -103,9 +103,43 @@ def select_policies(spec: str, with_history: bool) -> tuple[list[str], list[str]
     return names, []
 
 
+_PREDICTED: dict[tuple, list[Any]] = {}  # (dataset, policy, seed, split, settings) -> predictions: a sweep trains once
+
+
 def _predictions(dataset: Dataset, order: list[int], split: int, policy: str, seed: int, train: TrainFraction,
-                 config: RouterConfig) -> list[Any]:
-    """Train the policy's predictor on the history part and predict every routed prompt (in one batch)."""
+                 config: RouterConfig, vectors: np.ndarray | None = None) -> list[Any]:
+    """Train the policy's predictor on the history part and predict every routed prompt (in one batch);
+    the same training is reused by the passes of a budget sweep."""
+    key = (dataset.name, tuple(dataset.model_names), len(dataset.prompts), policy, seed, split, repr(train.settings),
+           config.predictors.model_dump_json(), None if vectors is None else vectors.shape)
+    if key not in _PREDICTED:
+        if len(_PREDICTED) >= 64:
+            _PREDICTED.pop(next(iter(_PREDICTED)))
+        if policy == "mf":
+            _PREDICTED[key] = _train_and_predict_mf(dataset, vectors, order, split, seed)
+        else:
+            _PREDICTED[key] = _train_and_predict(dataset, order, split, policy, seed, train, config)
+    return _PREDICTED[key]
+
+
+def _train_and_predict_mf(dataset: Dataset, vectors: np.ndarray | None, order: list[int], split: int, seed: int) -> list[Any]:
+    """RouteLLM's matrix factorisation on the history part (every model's outcome per prompt, on the
+    prompts' cached embeddings, as the service has them), then its estimates for every routed prompt."""
+    from policies import Predictions
+    from router.predictors.mf import MfSample, MfSettings, train_mf
+
+    if vectors is None:
+        raise ValueError("mf needs the prompts' embeddings")
+    history = [
+        MfSample(vectors[i], {m: dataset.prompts[i].outcomes[m].quality for m in dataset.model_names}, (), float(position))
+        for position, i in enumerate(order[:split])
+    ]
+    model = train_mf(history, dataset.model_names, MfSettings(seed=seed)).predictor
+    return [Predictions(mf_quality=row) for row in model.quality(vectors[order[split:]])]
+
+
+def _train_and_predict(dataset: Dataset, order: list[int], split: int, policy: str, seed: int, train: TrainFraction,
+                       config: RouterConfig) -> list[Any]:
     from policies import Predictions
     from router.predictors import Outcome as Observed
     from router.predictors import TrainSettings, train_forc, train_hybrid
@@ -144,25 +178,42 @@ def replay_pass(
     budget_usd: float | None = None,
     shadows: bool = False,
     train: TrainFraction | None = None,
+    warm_start: bool = False,
 ) -> PassResult:
     """One online pass in a seed-shuffled order with bandit feedback only (measured after the history
     part when `train` is given), through the engine `build_engine` makes from `config`: its budget
     (targets, lambda, pacing step, carry-over), per-request cap, neighbours and policy options.
     `budget_usd` overrides the config's target; `shadows` also runs the config's other policies as
-    shadows, so the decision time includes their scoring, as in the service."""
+    shadows, so the decision time includes their scoring, as in the service. `warm_start` (with `train`):
+    the history part is imported history instead: every policy warm-starts from it (every model's outcome
+    per prompt, `Policy.warm_start`) and routing starts after it, so "cold" (the default: the bandits learn
+    the history online with bandit feedback) and "warm" route the same prompts."""
     config = replay_config(config, budget_usd)
     order = np.random.default_rng(seed).permutation(len(dataset.prompts))
     split = round(len(order) * train.fraction) if train else 0
     predicted = (
-        _predictions(dataset, order.tolist(), split, policy, seed, train, config)
+        _predictions(dataset, order.tolist(), split, policy, seed, train, config, vectors)
         if train and policy in PREDICTED_POLICIES else None
     )
     names = [policy, *shadow_names(config, policy)] if shadows else [policy]
     engine = build_engine(config, vectors.shape[1], policies=names, active=policy, seed=seed)
+    start = 0
+    if warm_start and train:
+        history = [
+            HistoryPrompt(vectors[i], dataset.prompts[i].prompt_tokens,
+                          {m: dataset.prompts[i].outcomes[m].quality for m in dataset.model_names},
+                          {m: dataset.prompts[i].outcomes[m].cost_usd for m in dataset.model_names})
+            for i in order[:split].tolist()
+        ]
+        for member in engine.policies.values():
+            member.warm_start(history)
+        start = split
     cap = config.budget.default_max_cost_usd or None
     prices = {m.name: m for m in dataset.models}
     qualities, costs, timings, choices = [], [], [], []
     for step, index in enumerate(order.tolist()):
+        if step < start:  # warm-started from it instead
+            continue
         prompt = dataset.prompts[index]
         predictions = predicted[step - split] if predicted is not None and step >= split else None
         started = time.perf_counter()

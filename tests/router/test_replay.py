@@ -458,3 +458,95 @@ def test_train_fraction_trains_predictors_on_history_and_measures_the_rest(tmp_p
     # the predictors decided (a fallback-only forc would repeat thompson's choices and numbers)
     assert stats["forc"]["mean_cost_usd"] != stats["thompson"]["mean_cost_usd"]
     assert (tmp_path / "out" / "comparison.md").exists()
+
+
+# --- warm starts, RouteLLM's matrix factorisation, two-model routing (APGR) -------------------------------
+
+
+def test_warm_start_learns_the_history_part_as_history_and_routes_the_same_prompts(unique_vectors, monkeypatch):
+    """--warm-start: every policy warm-starts from the history part (every model's outcome) and is never
+    fed it online; cold and warm route and measure the same prompts."""
+    dataset, _, picks = _synthetic(400)
+    vectors = unique_vectors[picks]
+    train = TrainFraction(0.5)
+    warm_calls, learned = [], []
+    policy_class = registry.get("thompson")
+    original_warm, original_learn = policy_class._warm_start, policy_class._learn
+    monkeypatch.setattr(policy_class, "_warm_start", lambda self, history: warm_calls.append(history) or original_warm(self, history))
+    monkeypatch.setattr(policy_class, "_learn", lambda self, feedback: learned.append(feedback.arm) or original_learn(self, feedback))
+    warm = replay_pass(dataset, vectors, "thompson", 0, train=train, warm_start=True)
+    assert len(warm_calls) == 1 and len(warm_calls[0]) == 200
+    order = np.random.default_rng(0).permutation(400)
+    first = dataset.prompts[order[0]]
+    assert warm_calls[0][0].qualities == {m: first.outcomes[m].quality for m in dataset.model_names}
+    assert np.array_equal(warm_calls[0][0].embedding, vectors[order[0]])
+    assert len(learned) == 200  # only the routed part, online
+    cold = replay_pass(dataset, vectors, "thompson", 0, train=train)
+    assert warm.routed.tolist() == cold.routed.tolist() == order[200:].tolist()
+
+
+def test_warm_start_flag_is_reported_and_needs_a_history_part(tmp_path, capsys):
+    from router.cli import main
+
+    data = _unseen(tmp_path)
+    assert main(["replay", "--data", str(data), "--policy", "thompson", "--warm-start", "--out", str(tmp_path / "x")]) == 2
+    assert "--warm-start needs --train-fraction" in capsys.readouterr().err
+    assert main(["replay", "--data", str(data), "--policy", "thompson,elo", "--train-fraction", "0.5", "--warm-start",
+                 "--out", str(tmp_path / "warm")]) == 0
+    report = json.loads((tmp_path / "warm" / "elo" / "report.json").read_text())
+    assert report["warm_start"] is True and "warm start" in report["history_use"]
+    assert main(["replay", "--data", str(data), "--policy", "thompson", "--train-fraction", "0.5", "--out", str(tmp_path / "cold")]) == 0
+    cold = json.loads((tmp_path / "cold" / "report.json").read_text())
+    assert cold["warm_start"] is False and "cold" in cold["history_use"]
+
+
+def test_mf_trains_on_the_history_part_and_routes_the_rest(tmp_path, embedder):
+    sample = Path(__file__).parent.parent / "data" / "llmrouter_sample.jsonl"
+    reports = run(sample, ["mf", "thompson"], [0], None, tmp_path / "out", embedder, cache_dir=tmp_path, train=TrainFraction(0.5))
+    stats = {r["policy"]: r for r in reports}
+    assert stats["mf"]["n_routed"] == 200
+    # the factorisation decided (a fallback-only mf would repeat thompson's choices and numbers)
+    assert stats["mf"]["mean_cost_usd"] != stats["thompson"]["mean_cost_usd"]
+
+
+def test_per_call_costs_make_a_budget_a_share_of_strong_calls():
+    from router.replay.report import Evaluation, per_call_costs
+
+    dataset, _, _ = _synthetic(50)
+    flat = per_call_costs(dataset)
+    for name in dataset.model_names:
+        costs = {p.outcomes[name].cost_usd for p in flat.prompts}
+        assert len(costs) == 1 and costs.pop() == pytest.approx(np.mean([p.outcomes[name].cost_usd for p in dataset.prompts]))
+    assert len({p.prompt_tokens for p in flat.prompts}) == 1
+    assert [p.outcomes["small"].quality for p in flat.prompts] == [p.outcomes["small"].quality for p in dataset.prompts]
+    two = Dataset("two", [Prompt(p.id, p.prompt, p.prompt_tokens, {m: p.outcomes[m] for m in ("small", "large")}) for p in dataset.prompts],
+                  [MODELS[0], MODELS[2]])
+    lambdas = Evaluation(two, np.zeros((50, 4)), [0]).call_share_lambdas()
+    # a strong call costs lambda * (2e-4 - 1e-5) / mean(1e-5, 2e-4): the quality gain it must bring
+    assert [lam * (2e-4 - 1e-5) / 1.05e-4 for lam in lambdas] == pytest.approx(list(__import__("router.replay.report", fromlist=["x"]).CALL_SHARE_GAINS))
+
+
+def test_two_models_report_apgr_over_the_strong_call_share_and_flag_random_level(tmp_path, unique_vectors):
+    """RouteLLM's evaluation: per-call costs, a sweep of the strong-call threshold, APGR per seed, and a
+    router at random's level (APGR ~0.5) says so in its report and in the table."""
+    dataset, _, picks = _synthetic(300)
+    path = _write(dataset, tmp_path / "two_routing.jsonl")
+    np.save(tmp_path / "vectors.npy", unique_vectors[picks])
+
+    class Cached:  # the replay's embedder: the real MiniLM vectors of these prompts
+        name, fingerprint = "cached", "0" * 16
+
+        def embed(self, texts):
+            return np.load(tmp_path / "vectors.npy")
+
+    reports = run(path, ["random", "qlearning"], [0, 1], None, tmp_path / "out", Cached(), models=["small", "large"], cache_dir=tmp_path)
+    by = {r["policy"]: r for r in reports}
+    for r in reports:
+        assert r["weak_model"] == "small" and r["strong_model"] == "large"
+        assert r["apgr_sweep"].startswith("strong-call threshold") and len(r["apgr_per_seed"]) == 2
+        assert r["apgr_random"] == 0.5 and r["apgr_vs_random"] == pytest.approx(r["apgr"] - 0.5)
+        assert len(r["budget_sweep"]) == 9 and all(len(p["per_seed"]) == 2 for p in r["budget_sweep"])
+    assert by["random"]["apgr_at_random_level"] is True
+    table = (tmp_path / "out" / "comparison.md").read_text()
+    random_row = next(line for line in table.splitlines() if line.startswith("| random |"))
+    assert "(random level)" in random_row and "APGR swept over the strong-call threshold" in table

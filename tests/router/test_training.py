@@ -51,7 +51,7 @@ def test_import_is_idempotent_and_rejects_bad_files(tmp_path, sqlite_url):
     db = create_db_engine(sqlite_url)
     migrate(db)
     first = import_file(db, SAMPLE, {"gemma-2-9b-it": "renamed"})
-    assert first == {"prompts": 400, "outcomes_added": 1200, "outcomes_already_there": 0}
+    assert first == {"prompts": 400, "outcomes_added": 1200, "outcomes_already_there": 0, "answers_added": 0}  # no answers file beside it
     assert import_file(db, SAMPLE, {"gemma-2-9b-it": "renamed"})["outcomes_added"] == 0
     assert {o.backend for o in training_outcomes(db, ["renamed", LARGE])} == {"renamed", LARGE}
     bad = tmp_path / "bad.jsonl"
@@ -71,6 +71,8 @@ def test_training_beats_a_constant_and_a_worse_model_is_not_promoted(tmp_path, s
     db = create_db_engine(sqlite_url)
     with Session(db) as session:
         runs = {r.kind: r for r in session.exec(select(TrainingRun)).all()}
+    assert runs["scorer"].status == "skipped"  # no answers imported: nothing for the answer scorer
+    runs = {kind: run for kind, run in runs.items() if kind != "scorer"}
     assert set(runs) == {"forc", "hybrid"} and all(r.status == "ok" and r.promoted for r in runs.values())
     assert runs["forc"].validation_loss < runs["forc"].baseline_loss
     assert runs["hybrid"].validation_loss < runs["hybrid"].baseline_loss
@@ -93,13 +95,13 @@ async def test_predictor_policies_route_from_the_models_and_fall_back_when_broke
     before = await route(service, _request("What is 12 * 7?"))
     assert before.policy == "forc" and before.propensity < 1  # the fallback bandit: no model yet
     await asyncio.to_thread(run_training, service.config, "cli")
-    assert service.predictors.reload() == {"forc": "v0001", "hybrid": "v0001"}
+    assert service.predictors.reload() == {"forc": "v0001", "hybrid": "v0001", "scorer": None}
     info = await route(service, _request("What is 12 * 7?"))
     assert info.propensity == 1.0 and set(info.scores) == {SMALL, MID, LARGE}
     stats = await service.stats()
     assert stats["policies"]["forc"]["internals"]["decided_by_model"] == 1
     assert stats["predictors"]["models"]["hybrid"]["predictor"]["small"] == SMALL
-    assert [r["kind"] for r in stats["predictors"]["runs"]] == ["hybrid", "forc"]
+    assert [r["kind"] for r in stats["predictors"]["runs"]] == ["scorer", "hybrid", "forc"]
 
     # A corrupt artifact: the next load refuses it with a logged reason and the bandit decides again.
     weights = next((tmp_path / "artifacts" / "forc" / "v0001").glob("*.safetensors"))
