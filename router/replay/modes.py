@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -167,8 +168,11 @@ def train_history_scorer(dataset: Dataset, answers: list[dict[str, str]], histor
             digest.update(f"{dataset.prompts[i].outcomes[name].quality!r}\x1f".encode() + answers[i][name].encode() + b"\x1e")
     folder = cache_dir / digest.hexdigest()[:24] if cache_dir is not None else None
     if folder is not None and (folder / "training.json").is_file():
-        facts = json.loads((folder / "training.json").read_text())
-        return AnswerScorer.load(folder), facts | {"cached": True, "folder": str(folder)}, facts["calibration"]
+        try:
+            facts = json.loads((folder / "training.json").read_text())
+            return AnswerScorer.load(folder), facts | {"cached": True, "folder": str(folder)}, facts["calibration"]
+        except Exception:  # noqa: BLE001 - a stale or broken cache entry is trained again
+            shutil.rmtree(folder, ignore_errors=True)
     samples = [
         AnswerSample(dataset.prompts[i].prompt, name, answers[i][name], dataset.prompts[i].outcomes[name].quality, float(position))
         for position, i in enumerate(history)
@@ -184,6 +188,7 @@ def train_history_scorer(dataset: Dataset, answers: list[dict[str, str]], histor
     }
     if folder is not None:
         scratch = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(scratch, ignore_errors=True)
         result.predictor.save(scratch)
         (scratch / "training.json").write_text(json.dumps(facts))
         if not folder.exists():
