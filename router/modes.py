@@ -183,7 +183,8 @@ def refine_messages(messages: list[dict[str, Any]], draft: str) -> list[dict[str
 
 
 CallBackend = Callable[[str, str, dict[str, Any]], Awaitable[Call]]  # (backend, role, body) -> the call, ok or error
-Score = Callable[[str, list[str]], Awaitable[tuple[list[float], str]]]  # (query, answers) -> (scores, how they were scored)
+# (query, answers, the backends that wrote them) -> (scores, how they were scored)
+Score = Callable[[str, list[str], list[str]], Awaitable[tuple[list[float], str]]]
 
 
 @dataclass
@@ -218,7 +219,7 @@ async def run(
         nonlocal scored_by
         if len(candidates) < 2 and plan_.mode != "cascade":
             return
-        values, scored_by = await score(query, [c.answer or "" for c in candidates])
+        values, scored_by = await score(query, [c.answer or "" for c in candidates], [c.backend for c in candidates])
         for c, value in zip(candidates, values):
             c.score = value
 

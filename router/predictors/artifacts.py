@@ -14,10 +14,12 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, overload
+
+from pydantic import BaseModel
 
 from router.predictors.models import (
     ENCODER_DIR,
@@ -88,22 +90,30 @@ class ArtifactStore:
     ) -> Version:
         """Write the model as the next version (not promoted)."""
         kind = result.predictor.kind
+
+        def metadata(number: int) -> ArtifactMetadata:
+            return ArtifactMetadata(
+                kind=kind, version=number, created_at=time.time(), samples=result.samples,
+                validation_loss=result.validation_loss, baseline_loss=result.baseline_loss,
+                backbone=result.backbone, settings=result.settings, duration_s=result.duration_s,
+                predictor=result.predictor.config,
+            )
+
+        return self.save_version(kind, result.predictor.save, metadata)
+
+    def save_version(self, kind: str, write: Callable[[Path], None], metadata: Callable[[int], BaseModel]) -> Version:
+        """Write a model (`write` fills a scratch directory) and its metadata as the next version of `kind`,
+        atomically (scratch directory, fsync, rename); not promoted."""
         folder = self.root / kind
         folder.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder))
         try:
-            result.predictor.save(scratch)
-            number = max((version.number for version in self.versions(kind)), default=0) + 1
+            write(scratch)
+            number = max((version.number for version in self.versions(kind)), default=0) + 1  # type: ignore[arg-type]
             while True:  # a concurrent writer may take the number first: the rename then fails, take the next
-                metadata = ArtifactMetadata(
-                    kind=kind, version=number, created_at=time.time(), samples=result.samples,
-                    validation_loss=result.validation_loss, baseline_loss=result.baseline_loss,
-                    backbone=result.backbone, settings=result.settings, duration_s=result.duration_s,
-                    predictor=result.predictor.config,
-                )
-                (scratch / METADATA_FILE).write_text(metadata.model_dump_json(indent=1))
+                (scratch / METADATA_FILE).write_text(metadata(number).model_dump_json(indent=1))
                 _fsync_tree(scratch)
-                version = self._version(kind, number)
+                version = self._version(kind, number)  # type: ignore[arg-type]
                 try:
                     os.rename(scratch, version.path)
                 except OSError:

@@ -28,9 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,7 +37,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from router.predictors.artifacts import METADATA_FILE, ArtifactStore, Version, _fsync_directory, _fsync_tree
+from router.predictors.artifacts import METADATA_FILE, ArtifactStore, Version
 from router.predictors.models import StrictModel
 from router.predictors.training import Promotion, SampleCounts
 
@@ -303,31 +300,11 @@ class MfArtifactStore(ArtifactStore):
     """`ArtifactStore`'s layout and atomic promotion (`<root>/mf/v0001/`, `<root>/mf/current`) for MF models."""
 
     def save_mf(self, result: MfResult) -> Version:
-        folder = self.root / KIND
-        folder.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder))
-        try:
-            result.predictor.save(scratch)
-            number = max((version.number for version in self.versions(KIND)), default=0) + 1  # type: ignore[arg-type]
-            while True:
-                metadata = MfMetadata(version=number, created_at=time.time(), samples=result.samples,
-                                      validation_loss=result.validation_loss, baseline_loss=result.baseline_loss,
-                                      settings=result.settings, duration_s=result.duration_s, predictor=result.predictor.config)
-                (scratch / METADATA_FILE).write_text(metadata.model_dump_json(indent=1))
-                _fsync_tree(scratch)
-                version = self._version(KIND, number)  # type: ignore[arg-type]
-                try:
-                    os.rename(scratch, version.path)
-                except OSError:
-                    if not version.path.exists():
-                        raise
-                    number += 1
-                    continue
-                _fsync_directory(folder)
-                return version
-        except BaseException:
-            shutil.rmtree(scratch, ignore_errors=True)
-            raise
+        return self.save_version(KIND, result.predictor.save, lambda number: MfMetadata(
+            version=number, created_at=time.time(), samples=result.samples, validation_loss=result.validation_loss,
+            baseline_loss=result.baseline_loss, settings=result.settings, duration_s=result.duration_s,
+            predictor=result.predictor.config,
+        ))
 
     def mf_metadata(self, version: Version) -> MfMetadata:
         return MfMetadata.model_validate_json((version.path / METADATA_FILE).read_text())
