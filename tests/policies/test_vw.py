@@ -78,8 +78,10 @@ def test_options_reach_vw():
     arguments = policy.stats()["internals"]["arguments"]
     assert "--epsilon 0.2" in arguments and "--squarecb" not in arguments and "--quadratic" not in arguments
     _train(policy, 50, {"cheap": 0.1, "strong": 0.9})
-    # epsilon-greedy: the greedy arm gets 1 - eps + eps/K, the other eps/K
-    assert policy.score(_context(500)).probabilities == pytest.approx({"cheap": 0.1, "strong": 0.9}, abs=1e-6)
+    # epsilon-greedy: the greedy arm gets 1 - eps + eps/K, the other eps/K (which arm is greedy after 50
+    # steps depends on VW's exploration draws, so only the split is asserted: squarecb would not give it)
+    probabilities = policy.score(_context(500)).probabilities
+    assert sorted(probabilities.values()) == pytest.approx([0.1, 0.9], abs=1e-6)
 
 
 def test_scores_are_the_predicted_utility_and_the_better_backend_wins():
