@@ -11,7 +11,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +54,9 @@ class BackendSpec:
     price_per_1m_output_tokens_usd: float
     max_concurrent_requests: int = 16
     timeout_s: float = 120.0
+    # Sent with every request (chat, stream, health, models, metrics): a hosted endpoint's
+    # `Authorization: Bearer <key>` and the config's extra headers. Never shown: it may hold the key.
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (
@@ -211,6 +214,7 @@ class BackendClient:
                 response = await self._http.post(
                     f"{self.spec.base_url}/v1/chat/completions",
                     json=self._request_body(body, stream=False),
+                    headers=self.spec.headers,
                     timeout=self.spec.timeout_s,
                 )
             except httpx.HTTPError as exc:
@@ -245,6 +249,7 @@ class BackendClient:
             "POST",
             f"{self.spec.base_url}/v1/chat/completions",
             json=self._request_body(body, stream=True),
+            headers=self.spec.headers,
             timeout=self.spec.timeout_s,
         )
         try:
@@ -299,14 +304,17 @@ class BackendClient:
             self._release()
 
     async def health(self, timeout_s: float) -> HealthReport:
-        """`/health` must answer 200 and `/v1/models` must list our model; `/metrics` is best effort."""
-        base = self.spec.base_url
+        """`/health` must answer 200 and `/v1/models` must list our model; `/metrics` is best effort. A
+        server without `/health` (404: hosted OpenAI-compatible APIs) is judged by `/v1/models` alone."""
+        base, headers = self.spec.base_url, self.spec.headers
         try:
-            health = await self._http.get(f"{base}/health", timeout=timeout_s)
-            if health.status_code != 200:
+            health = await self._http.get(f"{base}/health", headers=headers, timeout=timeout_s)
+            if health.status_code not in (200, 404):
                 return HealthReport(False, f"/health answered HTTP {health.status_code}")
-            models_response = await self._http.get(f"{base}/v1/models", timeout=timeout_s)
-            cards = models_response.json().get("data", []) if models_response.status_code == 200 else []
+            models_response = await self._http.get(f"{base}/v1/models", headers=headers, timeout=timeout_s)
+            if models_response.status_code != 200:  # 401/403: a wrong or missing api_key_env
+                return HealthReport(False, f"/v1/models answered HTTP {models_response.status_code}")
+            cards = models_response.json().get("data", [])
             cards = [c for c in cards if isinstance(c, dict)]
         except (httpx.HTTPError, ValueError, AttributeError) as exc:
             return HealthReport(False, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
@@ -318,7 +326,7 @@ class BackendClient:
         max_model_len = context if isinstance(context, int) and not isinstance(context, bool) and context > 0 else None
         queue: dict[str, float] = {}
         try:
-            metrics = await self._http.get(f"{base}/metrics", timeout=timeout_s)
+            metrics = await self._http.get(f"{base}/metrics", headers=headers, timeout=timeout_s)
             if metrics.status_code == 200:
                 queue = parse_prometheus(metrics.text)
         except httpx.HTTPError:

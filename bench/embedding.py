@@ -1,5 +1,5 @@
 """Embedding benchmark: the sentence-transformers reference against the fast ONNX path (int8 weights, the
-default, and float32).
+default, and float32) and the static model distilled from MiniLM (`[embedder] kind = "static"`).
 
 Run from the repository root (a few minutes; the shared routing data must lie in ../shared/data):
 
@@ -11,9 +11,10 @@ For each embedder it prints, as medians over `--rounds` interleaved rounds (the 
   prompts that bench/overhead.py sends to /v1/route;
 - throughput in texts/s of `embed` on batches of 32, and of `TextBatcher.one` driven by 32
   concurrent callers (the router's path at concurrency 32).
-Then, for each fast variant, fidelity on real prompts from ../shared/data/*_routing.jsonl: cosine(fast, reference) over the
-memory and query prompts, and neighbour recall@10: the share of each query's 10 nearest memory prompts
-(inner product on unit vectors, as FAISS) under the reference that the fast path also finds.
+Then, for each other embedder, fidelity on real prompts from ../shared/data/*_routing.jsonl: cosine(fast, reference)
+over the memory and query prompts (ONNX variants only: the static model's vectors live in another space), and
+neighbour recall@10: the share of each query's 10 nearest memory prompts (inner product on unit vectors, as
+FAISS) under the reference that this embedder also finds.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         "reference": Embedder(backend="torch"),
         "fast": Embedder(threads=args.threads),
         "fast-fp32": Embedder(quantize=False, threads=args.threads),
+        "static": Embedder(backend="static"),
     }
     prompts = [json.loads(line)["prompt"] for line in (ROOT / "tests" / "data" / "two_kinds.jsonl").open()]
     if args.quick:
@@ -127,11 +129,11 @@ def main(argv: list[str] | None = None) -> None:
     ref = embedders["reference"].embed(texts)
     print(f"\nfidelity against the reference on {len(texts)} prompts from {args.data} "
           f"(recall@10: {args.queries} queries, {args.memory} memory prompts)")
-    for name in ("fast", "fast-fp32"):
+    for name in ("fast", "fast-fp32", "static"):
         vectors = embedders[name].embed(texts)
-        cosine = (vectors * ref).sum(axis=1)
-        print(f"{name:<10} cosine mean {cosine.mean():.6f} min {cosine.min():.6f}  "
-              f"recall@10 {recall_at_10(vectors, ref, args.memory):.3f}  name {embedders[name].name}")
+        cosine = (vectors * ref).sum(axis=1) if name != "static" else None  # static vectors live in another space
+        agreement = f"cosine mean {cosine.mean():.6f} min {cosine.min():.6f}" if cosine is not None else f"{vectors.shape[1]} dims"
+        print(f"{name:<10} recall@10 {recall_at_10(vectors, ref, args.memory):.3f}  {agreement:<36} name {embedders[name].name}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from router.config import ConfigError, RouterConfig, load_config
+from router.config import PREDICTOR_KINDS, ConfigError, RouterConfig, load_config
 
 
 def _load(args: argparse.Namespace) -> RouterConfig:
@@ -59,6 +59,8 @@ def serve(args: argparse.Namespace) -> int:
     port = args.port or config.server.port
     try:
         authenticator = Authenticator(config.auth, host, os.environ)
+        for backend in config.backends:  # each api_key_env must be set before anything starts
+            backend.request_headers(os.environ)
     except ConfigError as exc:
         print(f"llm-router: {exc}", file=sys.stderr)
         return 2
@@ -107,8 +109,8 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def config_check_command(args: argparse.Namespace) -> int:
-    """Validate a config file as `serve` would (fields, environment overrides, keys, managed backends'
-    command lines) without starting anything: exit 0 and a summary, or 2 and what is wrong."""
+    """Validate a config file as `serve` would (fields, environment overrides, keys, backends' api_key_env,
+    managed backends' command lines) without starting anything: exit 0 and a summary, or 2 and what is wrong."""
     from sqlalchemy.engine import make_url
 
     from backends.launcher import LaunchError, build_command
@@ -118,6 +120,8 @@ def config_check_command(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.file)
         Authenticator(config.auth, config.server.host, os.environ)
+        for backend in config.backends:
+            backend.request_headers(os.environ)
         for target in launch_targets(config):
             build_command(target)
     except (ConfigError, LaunchError) as exc:
@@ -188,16 +192,12 @@ def train_command(args: argparse.Namespace) -> int:
     return 1 if any(run["status"] == "failed" for run in runs) else 0
 
 
-def _progress(message: str) -> None:
-    """One line on the terminal, rewritten in place (only used when stderr is a TTY)."""
-    print(f"\rllm-router replay: {message}\033[K", end="", file=sys.stderr, flush=True)
-
-
 def replay_command(args: argparse.Namespace) -> int:
     import json
 
     from policies import PREDICTED_POLICIES
-    from router.embedding import Embedder
+    from router.embedding import build_embedder
+    from router.progress import showing
     from router.replay import DatasetError, TrainFraction, comparison_table, run, select_policies
 
     config = _load(args)
@@ -252,19 +252,20 @@ def replay_command(args: argparse.Namespace) -> int:
             return 2
         settings = train_settings(config).model_copy(update={"threads": os.cpu_count() or 1})
         train = TrainFraction(args.train_fraction, settings)
-    progress = _progress if sys.stderr.isatty() else None
     try:
         budgets = [float(b) for b in args.budgets.split(",") if b.strip()] if args.budgets else None
-        reports = run(args.data, policies, seeds, args.budget, Path(args.out), Embedder(config.embedder.path),
-                      models=models, config=config, budgets=budgets, peers=args.peers, train=train, shadows=args.shadows,
-                      progress=progress, mode=args.mode, k=args.k, warm_start=args.warm_start)
+        with showing():  # progress bars on stderr, when it is a terminal
+            reports = run(args.data, policies, seeds, args.budget, Path(args.out), build_embedder(config.embedder),
+                          models=models, config=config, budgets=budgets, peers=args.peers, train=train, shadows=args.shadows,
+                          mode=args.mode, k=args.k, warm_start=args.warm_start)
     except (DatasetError, OSError, ValueError) as exc:
         print(f"llm-router: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if progress:
-            print("\r\033[K", end="", file=sys.stderr, flush=True)
-    print(json.dumps(reports[0], indent=2) if len(reports) == 1 else comparison_table(reports))
+    if len(reports) == 1 and not sys.stdout.isatty():  # a script reads the report (DESIGN: one JSON object)
+        print(json.dumps(reports[0], indent=2))
+        return 0
+    print(comparison_table(reports))
+    print(f"reports (report.json) and plots (*.png) in {args.out}/")
     return 0
 
 
@@ -286,13 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     migrate_parser = commands.add_parser("migrate", help="upgrade the database schema to head")
     migrate_parser.add_argument("--config")
     migrate_parser.set_defaults(run=migrate_command)
-    import_parser = commands.add_parser("import", help="load a file of recorded outcomes as history for the predictors")
+    import_parser = commands.add_parser("import", help="load a file of recorded outcomes as history for the predictors and the policies' warm starts")
     import_parser.add_argument("file", help="JSONL in the shared data format (every model's outcome per prompt)")
     import_parser.add_argument("--as", dest="rename", action="append", default=[], metavar="MODEL=BACKEND",
                                help="store MODEL's outcomes under BACKEND (repeatable)")
     import_parser.add_argument("--config")
     import_parser.set_defaults(run=import_command)
-    train_parser = commands.add_parser("train", help="train the predictors once (FORC, Hybrid-LLM) and promote if better")
+    train_parser = commands.add_parser("train", help=f"train the predictors once ({', '.join(PREDICTOR_KINDS)}; mf while the mf "
+                                                     "policy runs) and promote each that validates no worse than the model in use")
     train_parser.add_argument("--config")
     train_parser.set_defaults(run=train_command)
     replay_parser = commands.add_parser("replay", help="replay recorded outcomes through the routing engine")

@@ -7,7 +7,9 @@ caught at start with the name of the bad field instead of surfacing later as a c
 from __future__ import annotations
 
 import os
+import re
 import tomllib
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +25,11 @@ class ConfigError(Exception):
 
 def _repeated(names: list[str]) -> list[str]:
     return sorted({n for n in names if names.count(n) > 1})
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token (RFC 9110)
+_HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but tab: no header injection
+_CLIENT_HEADERS = {"host", "content-length", "content-type", "transfer-encoding", "connection"}
 
 
 class _Strict(BaseModel):
@@ -48,11 +55,47 @@ class BackendConfig(_Strict):
     cpu_core: int | None = Field(default=None, ge=0, description="vllm-cpu: core to pin the server to.")
     gpu_ids: list[int] = Field(default_factory=list, description="vllm: CUDA devices for this server.")
     extra_args: list[str] = Field(default_factory=list, description="Extra `vllm serve` arguments.")
+    api_key_env: str | None = Field(
+        default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable holding the backend's API key, sent as `Authorization: Bearer ...` (a hosted endpoint).",
+    )
+    headers: dict[str, str] = Field(default_factory=dict, description="Extra HTTP headers sent with every request to this backend.")
 
     @field_validator("base_url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @field_validator("headers")
+    @classmethod
+    def _valid_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        names = [name.lower() for name in value]
+        if duplicates := _repeated(names):
+            raise ValueError(f"headers named twice (names are case-insensitive): {duplicates}")
+        for name, text in value.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a valid HTTP header name")
+            if name.lower() == "authorization":
+                raise ValueError("set the key through api_key_env (a header's value shows in /v1/config), not headers.Authorization")
+            if name.lower() in _CLIENT_HEADERS:
+                raise ValueError(f"{name!r} is set by the router's HTTP client and cannot be overridden")
+            if _HEADER_VALUE_FORBIDDEN.search(text):
+                raise ValueError(f"header {name!r}: a value must not hold control characters (line breaks included)")
+        return value
+
+    def request_headers(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """The headers every request to this backend carries: `headers`, and the API key read from
+        `api_key_env` (a missing or empty variable is a ConfigError naming it and the backend)."""
+        headers = dict(self.headers)
+        if self.api_key_env:
+            key = environ.get(self.api_key_env, "")
+            if not key:
+                raise ConfigError(f"backend {self.name}: api_key_env: environment variable {self.api_key_env} is not set (it holds the "
+                                  "backend's API key)")
+            if _HEADER_VALUE_FORBIDDEN.search(key):
+                raise ConfigError(f"backend {self.name}: api_key_env: environment variable {self.api_key_env} holds control characters")
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
 
     @property
     def port(self) -> int:
@@ -69,6 +112,11 @@ class ServerConfig(_Strict):
 
 class EmbedderConfig(_Strict):
     path: str = Field(default="", description="sentence-transformers model dir; empty = packaged MiniLM.")
+    kind: Literal["transformer", "static"] = Field(
+        default="transformer",
+        description="transformer: the model at `path`, a forward pass per query (ONNX, 8-bit weights); "
+                    "static: a model2vec static model distilled from it (once, cached), microseconds per query.",
+    )
     neighbours: int = Field(default=20, ge=0, le=1000, description="k nearest past decisions per query.")
 
 
@@ -111,8 +159,15 @@ class BreakerConfig(_Strict):
         return self
 
 
+# Every predictor kind the training job trains (a `training_runs.kind`, a directory under `artifacts_dir`):
+# FORC, Hybrid-LLM and the answer scorer (encoders, `router.predictors.models.KINDS`), and RouteLLM's matrix
+# factorisation (`router.predictors.mf`, trained only while the `mf` policy runs). Listed here, where the CLI
+# can name them without loading torch.
+PREDICTOR_KINDS = ("forc", "hybrid", "scorer", "mf")
+
+
 class PredictorsConfig(_Strict):
-    """The FORC and Hybrid-LLM predictors: where models live, how and when they are retrained."""
+    """The predictors (see PREDICTOR_KINDS): where models live, how and when they are retrained."""
 
     artifacts_dir: str = Field(default="var/predictors", description="Versioned model directories.")
     backbone: str = Field(default="", description="DistilBERT/DeBERTa/... checkpoint directory; empty: packaged MiniLM.")

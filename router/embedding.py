@@ -8,6 +8,11 @@ neighbour recall@10 0.98 on real prompts). `quantize=False` gives the reference'
 dynamic int8 (recall@10 0.90, and a text's vector changed with the texts batched beside it). The ONNX
 files are made once from the local weights and cached under ~/.cache/llm-router/.
 
+`kind = "static"` (config `[embedder]`) swaps the transformer for a static model distilled from it with
+model2vec: one learned vector per token, averaged, so a query costs a tokenisation and a mean instead of
+a forward pass (docs/static-embedder.md: its speed, neighbour recall and replay quality). It is distilled once per
+source model (minutes, at `make setup` or at the first start) and cached under ~/.cache/llm-router/.
+
 `TextBatcher` turns concurrent single-query requests into batches, for throughput under load.
 """
 
@@ -24,15 +29,21 @@ import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from router.config import EmbedderConfig
+
 T = TypeVar("T")
+log = logging.getLogger("llm_router")
 
 MAX_BATCH = 64
 CACHE = Path.home() / ".cache" / "llm-router"
 EXPORT_VERSION = 2  # bump when the exported graph changes, so stale cached files are not reused
+DISTIL_VERSION = 1  # bump when the distillation settings change, for the same reason
+STATIC_DIMS = 256  # PCA width of the static model (model2vec's default)
 
 
 def packaged_minilm_path() -> str:
@@ -125,10 +136,62 @@ def onnx_file(model_dir: Path, quantize: bool = False) -> Path:
     return quantized
 
 
+def directory_digest(settings: str, directory: Path) -> str:
+    """SHA-256 of `settings` and of the name and content of every file under `directory` (hidden ones, .git
+    or .cache, left out)."""
+    digest = hashlib.sha256(settings.encode())
+    files = sorted(f.relative_to(directory) for f in directory.rglob("*") if f.is_file())
+    for relative in (f for f in files if not any(part.startswith(".") for part in f.parts)):
+        digest.update(f"\x1e{relative.as_posix()}\x1f".encode())
+        with (directory / relative).open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def distil_static(source: Path, target: Path) -> None:
+    """A model2vec static model distilled from the sentence-transformers model `source` (one forward pass per
+    vocabulary token, PCA to `STATIC_DIMS`, SIF weights), written atomically as the directory `target`."""
+    from model2vec.distill import distill
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    model = distill(str(source), device="cpu", pca_dims=STATIC_DIMS)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        partial = Path(scratch) / target.name
+        model.save_pretrained(str(partial))
+        try:
+            os.rename(partial, target)
+        except OSError:  # another process finished the same distillation first
+            if not (target / "model.safetensors").is_file():
+                raise
+
+
+def static_model_dir(source: Path | None = None) -> Path:
+    """The cached static model distilled from `source` (default: the packaged MiniLM), keyed by the content of
+    every file of `source` and the distillation settings; distilled first when absent (minutes, once)."""
+    import model2vec
+
+    source = source or Path(packaged_minilm_path())
+    digest = directory_digest(f"model2vec-{model2vec.__version__}|distil-v{DISTIL_VERSION}|pca={STATIC_DIMS}", source)
+    target = CACHE / f"{source.name}-static-{digest[:16]}"
+    if not (target / "model.safetensors").is_file():
+        log.info("distilling a static embedder from %s into %s (a few minutes, once per source model)", source, target)
+        distil_static(source, target)
+        log.info("static embedder ready: %s", target)
+    return target
+
+
+def build_embedder(config: EmbedderConfig) -> Embedder:
+    """The embedder a config's `[embedder]` section names: the one place serve, replay and training make it."""
+    return Embedder(config.path, backend="static" if config.kind == "static" else "onnx")
+
+
 class Embedder:
     """Unit-normalised float32 embeddings, so inner product in FAISS is cosine similarity.
 
-    backend "onnx" (default, fast) or "torch" (`SentenceTransformer.encode`, the float32 reference).
+    backend "onnx" (default, fast), "torch" (`SentenceTransformer.encode`, the float32 reference) or "static"
+    (the model2vec static model distilled from `path`, see `static_model_dir`; its vectors have their own
+    width and `name`).
     `quantize` (onnx only) picks 8-bit weights; their vectors differ slightly from float32's, so they
     have their own `name`, the key of the on-disk memory and caches (onnx float32 shares the
     reference's). `threads` is ONNX Runtime's intra-op thread count; two nearly double batched
@@ -136,7 +199,7 @@ class Embedder:
     """
 
     def __init__(
-        self, path: str = "", backend: Literal["onnx", "torch"] = "onnx", quantize: bool = True, threads: int | None = None
+        self, path: str = "", backend: Literal["onnx", "torch", "static"] = "onnx", quantize: bool = True, threads: int | None = None
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -144,7 +207,14 @@ class Embedder:
         if not resolved.is_dir():
             raise FileNotFoundError(f"embedder path {str(resolved)!r} is not a directory")
         self.backend = backend
-        if backend == "torch":
+        self.files = resolved  # what decides the vectors, for `fingerprint`
+        if backend == "static":
+            from model2vec import StaticModel
+
+            self.files = static_model_dir(resolved)
+            self.model = StaticModel.from_pretrained(str(self.files), force_download=False)  # a local directory, never the hub
+            self.dim = int(self.model.dim)
+        elif backend == "torch":
             from sentence_transformers import SentenceTransformer
 
             self.model = SentenceTransformer(str(resolved), device="cpu", local_files_only=True)
@@ -153,18 +223,22 @@ class Embedder:
         elif backend == "onnx":
             self._load_onnx(resolved, quantize, threads or min(2, os.cpu_count() or 1))
         else:
-            raise ValueError(f"unknown embedder backend {backend!r}; use 'onnx' or 'torch'")
-        q8 = "-q8" if backend == "onnx" and quantize else ""
-        self.name = f"{resolved.name}-{self.dim}{q8}"  # the memory key: one per set of vectors
+            raise ValueError(f"unknown embedder backend {backend!r}; use 'onnx', 'torch' or 'static'")
+        suffix = {"onnx": "-q8" if quantize else "", "torch": "", "static": "-static"}[backend]
+        self.name = f"{resolved.name}-{self.dim}{suffix}"  # the memory key: one per set of vectors
         self.path, self.quantize = resolved, backend == "onnx" and quantize
 
     @functools.cached_property
     def fingerprint(self) -> str:
         """SHA-256 of what decides the vectors: the content of every file of the model directory (weights,
-        tokenizer, pooling and length settings), the backend, the quantisation, the ONNX export version
-        and the runtime's version. Unlike `name`, it changes when the weights or settings do (a key for
-        caches of vectors)."""
-        if self.backend == "onnx":
+        tokenizer, pooling and length settings; for "static" the distilled model's), the backend, the
+        quantisation, the ONNX export version and the runtime's version. Unlike `name`, it changes when the
+        weights or settings do (a key for caches of vectors)."""
+        if self.backend == "static":
+            import model2vec
+
+            runtime = f"model2vec-{model2vec.__version__}"
+        elif self.backend == "onnx":
             import onnxruntime
 
             runtime = f"onnxruntime-{onnxruntime.__version__}-export-v{EXPORT_VERSION}-max{self.max_tokens}"
@@ -172,15 +246,7 @@ class Embedder:
             import sentence_transformers
 
             runtime = f"sentence-transformers-{sentence_transformers.__version__}"
-        digest = hashlib.sha256(f"{self.backend}|q8={self.quantize}|{runtime}|dim={self.dim}".encode())
-        files = sorted(f.relative_to(self.path) for f in self.path.rglob("*") if f.is_file())
-        for relative in (f for f in files if not any(part.startswith(".") for part in f.parts)):  # not .git, .cache
-            digest.update(f"\x1e{relative.as_posix()}\x1f".encode())
-            file = self.path / relative
-            with file.open("rb") as handle:
-                while chunk := handle.read(1 << 20):
-                    digest.update(chunk)
-        return digest.hexdigest()
+        return directory_digest(f"{self.backend}|q8={self.quantize}|{runtime}|dim={self.dim}", self.files)
 
     def _load_onnx(self, model_dir: Path, quantize: bool, threads: int) -> None:
         import onnxruntime
@@ -200,14 +266,18 @@ class Embedder:
         self.dim = int(json.loads((model_dir / "config.json").read_text())["hidden_size"])
 
     def embed(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        if self.backend == "static":
+            vectors = np.asarray(self.model.encode(list(texts), use_multiprocessing=False), dtype=np.float32).reshape(len(texts), self.dim)
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12))  # a text of no known token stays zero
         if self.backend == "torch":
             vectors = self.model.encode(
                 texts, batch_size=MAX_BATCH, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
             )
             return np.ascontiguousarray(vectors, dtype=np.float32)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        if not texts:
-            return out
         ids: list[list[int]] = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens)["input_ids"]
         for chunk in length_chunks([len(row) for row in ids]):
             width = max(len(ids[i]) for i in chunk)

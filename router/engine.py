@@ -156,6 +156,21 @@ class ShadowEstimate:
         }
 
 
+def add_shadow_reward(estimates: dict[str, ShadowEstimate], record: DecisionRecord, reward: float) -> None:
+    """Every policy's off-policy estimate takes one reward of a logged decision: the one rule, for the
+    engine's running estimates and for the dashboard's estimates over time (`router.timeline`)."""
+    for name, probabilities in record.shadow.items():
+        estimate = estimates.get(name)
+        if estimate is None:
+            continue
+        if record.mode != "route":
+            estimate.excluded_multi_call += 1
+        elif record.failed_over:
+            estimate.excluded_failover += 1
+        else:
+            estimate.add(reward, probabilities.get(record.chosen, 0.0), record.propensity, record.shadow_choices.get(name) == record.chosen)
+
+
 class RoutingEngine:
     def __init__(
         self,
@@ -344,17 +359,7 @@ class RoutingEngine:
         self._each_policy(learners, teach)
         if not with_router:
             return
-        for name, probabilities in record.shadow.items():
-            if name not in self.shadow:
-                continue
-            if record.mode != "route":
-                self.shadow[name].excluded_multi_call += 1
-                continue
-            if record.failed_over:
-                self.shadow[name].excluded_failover += 1
-                continue
-            matched = record.shadow_choices.get(name) == record.chosen
-            self.shadow[name].add(reward, probabilities.get(record.chosen, 0.0), record.propensity, matched)
+        add_shadow_reward(self.shadow, record, reward)
         entry = self.memory.entry(record.decision_id)
         if entry is not None:
             entry.reward = reward

@@ -126,21 +126,28 @@ def import_file(db: Engine, path: str | Path, rename: Mapping[str, str] | None =
 
 def training_outcomes(db: Engine, backends: list[str]) -> list[Outcome]:
     """Imported outcomes (in file order, all at their import time) then rewarded decisions (at reward time)."""
-    wanted = set(backends)
+    with Session(db) as session:
+        logged = session.execute(
+            select(DecisionRow.query, DecisionRow.backend, Reward.reward, DecisionRow.completion_tokens, Reward.created_at)
+            .join(Reward, Reward.decision_id == DecisionRow.id)
+            .where(DecisionRow.backend.in_(set(backends)), DecisionRow.status != "error")
+            .order_by(Reward.id)
+        ).all()
+    return [*imported_outcomes(db, backends), *(Outcome(text, backend, float(quality), tokens, _seconds(at))
+                                                for text, backend, quality, tokens, at in logged)]
+
+
+def imported_outcomes(db: Engine, backends: list[str]) -> list[Outcome]:
+    """Imported outcomes of `backends` alone (in file order, at their import time): what warm starts learn
+    from (logged rewards reach the policies through the log instead)."""
     with Session(db) as session:
         imported = session.execute(
             select(ImportedOutcome.prompt, ImportedOutcome.model, ImportedOutcome.quality, ImportedOutcome.output_tokens,
                    ImportedOutcome.imported_at)
-            .where(ImportedOutcome.model.in_(wanted))
+            .where(ImportedOutcome.model.in_(set(backends)))
             .order_by(ImportedOutcome.id)
         ).all()
-        logged = session.execute(
-            select(DecisionRow.query, DecisionRow.backend, Reward.reward, DecisionRow.completion_tokens, Reward.created_at)
-            .join(Reward, Reward.decision_id == DecisionRow.id)
-            .where(DecisionRow.backend.in_(wanted), DecisionRow.status != "error")
-            .order_by(Reward.id)
-        ).all()
-    return [Outcome(text, backend, float(quality), tokens, _seconds(at)) for text, backend, quality, tokens, at in [*imported, *logged]]
+    return [Outcome(text, backend, float(quality), tokens, _seconds(at)) for text, backend, quality, tokens, at in imported]
 
 
 def answer_samples(db: Engine) -> list[AnswerSample]:

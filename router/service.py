@@ -38,7 +38,7 @@ from router.budget import SpendLedger, SpendLimit, SpendRule, pacing_rule, perio
 from router.cluster import Listener, LogFollower, advisory_lease, notify, psycopg_url
 from router.config import BackendConfig, RouterConfig
 from router.db import create_db_engine, database_error, migrate
-from router.embedding import Embedder, TextBatcher
+from router.embedding import Embedder, TextBatcher, build_embedder
 from router.engine import PINNED, DecisionRecord, build_engine
 from router.errors import (
     BadGateway,
@@ -80,7 +80,9 @@ from router.store import (
     take_rate_token,
     write_snapshot,
 )
+from router.timeline import Budgets, KeyBudget, Timeline, build_timeline
 from router.training import TrainingScheduler, recent_runs
+from router.warm import warm_start
 
 log = logging.getLogger("llm_router")
 
@@ -93,6 +95,7 @@ DATABASE_PROBE_S = 1.0  # during an outage: how often the database is tried agai
 
 
 def backend_spec(config: BackendConfig) -> BackendSpec:
+    """The client's view of a backend; its API key is read from the environment here (ConfigError if missing)."""
     return BackendSpec(
         name=config.name,
         base_url=config.base_url,
@@ -101,6 +104,7 @@ def backend_spec(config: BackendConfig) -> BackendSpec:
         price_per_1m_output_tokens_usd=config.price_per_1m_output_tokens_usd,
         max_concurrent_requests=config.max_concurrent_requests,
         timeout_s=config.timeout_s,
+        headers=config.request_headers(os.environ),
     )
 
 
@@ -172,7 +176,7 @@ class RouterService:
     def __init__(self, config: RouterConfig, embedder: Embedder | None = None) -> None:
         self.config = config
         self.metrics = RouterMetrics()
-        self.embedder = embedder or Embedder(config.embedder.path)
+        self.embedder = embedder or build_embedder(config.embedder)
         self.db = create_db_engine(config.database_url)
         if config.auto_migrate:
             migrate(self.db)
@@ -193,7 +197,7 @@ class RouterService:
         self._since_snapshot = 0
         self._answering: dict[str, asyncio.Future[None]] = {}  # chat decisions whose final write is pending
         self.spend = SpendLedger(config.auth.keys)
-        self.predictors = PredictorSet(config.predictors.artifacts_dir, [b.name for b in config.backends])
+        self.predictors = PredictorSet(config.predictors.artifacts_dir, [b.name for b in config.backends], config.policy_names)
         self.predictors.reload()
         # Only when a predictor policy runs: it costs an encoder pass per query.
         self._predicting = bool(set(PREDICTED_POLICIES) & set(config.policy_names))
@@ -261,6 +265,7 @@ class RouterService:
                 start[name] = (row.last_reward_id, row.last_preference_id)
             else:
                 start[name] = (0, 0)
+        warm_start(self.policies, self.policies.keys() - snapshots.keys(), self.db, self.config.backends, self.embedder.embed)
         router_row = snapshots.get(ROUTER_STATE)
         if router_row is not None:
             self.engine.restore(router_row.state)
@@ -287,6 +292,7 @@ class RouterService:
             if row is not None:
                 policy.restore(row.state)
             start[name] = (row.last_seq or 0) if row is not None else 0
+        warm_start(self.policies, self.policies.keys() - snapshots.keys(), self.db, self.config.backends, self.embedder.embed)
         router_row = snapshots.get(ROUTER_STATE)
         if router_row is not None:
             self.engine.restore(router_row.state)
@@ -578,6 +584,7 @@ class RouterService:
             raise ServiceUnavailable("no backend available: every backend's circuit breaker is open after failures")
 
         vector, predictions = await asyncio.gather(self.embed(request.query), self._predict(request.query))
+        predictions = self.predictors.with_mf(predictions, vector)
         cap = request.max_cost_usd if request.max_cost_usd is not None else (self.config.budget.default_max_cost_usd or None)
         candidates = [
             Arm(n, self.pool.state(n).spec.price_per_1m_input_tokens_usd, self.pool.state(n).spec.price_per_1m_output_tokens_usd)
@@ -1074,6 +1081,15 @@ class RouterService:
             },
             "cluster": cluster,
         }
+
+    async def timeline(self, window_s: float, buckets: int, recent: int) -> Timeline:
+        """The dashboard's series over the last `window_s` seconds in `buckets` steps, and the `recent` newest decisions."""
+        now = datetime.now(UTC)
+        pacer = self.engine.pacer
+        keys = [KeyBudget(name, key.max_spend_usd, key.budget_period, period_start(key.budget_period, now))
+                for name, key in self.spend.budgeted().items()]
+        budgets = Budgets(pacer.target_usd_per_query, pacer.target_usd_per_hour, keys)
+        return await self._db(build_timeline, self.store, now, window_s, buckets, list(self.policies), budgets, recent)
 
 
 class _StillAnswering(Exception):

@@ -44,6 +44,8 @@ from router.tables import DecisionCall, DecisionRow, PolicySnapshot, Preference,
 log = logging.getLogger("llm_router")
 
 LOG_SEQUENCE = "router_log_seq"  # PostgreSQL: the one sequence of log positions (migration 0005)
+_SPENT = func.coalesce(DecisionRow.cost_usd, DecisionRow.predicted_cost_usd, 0.0)  # what a decision cost: real where known, else predicted
+_SPENDING = DecisionRow.status.not_in(("error", "rejected"))  # decisions that spend (a failed call costs nothing)
 
 
 def is_postgres(session_or_engine: Session | Engine) -> bool:
@@ -115,6 +117,29 @@ class StoredDecision:
     def cost_for_learning(self) -> float:
         """The real cost where the answer came back, else the predicted one (a routed-only decision)."""
         return self.cost_usd if self.cost_usd is not None else self.record.predicted_cost_usd
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionSummary:
+    """A logged decision as the dashboard lists it: what was asked (cut short), who decided what, how it
+    ended, and the feedback it got."""
+
+    decision_id: str
+    created_at: datetime
+    kind: str
+    tenant: str | None
+    query: str
+    policy: str
+    backend: str
+    status: str
+    mode: str
+    cost_usd: float | None
+    predicted_cost_usd: float | None
+    latency_ms: float | None
+    over_budget: bool
+    error: str | None
+    reward: float | None
+    preference: tuple[str, str] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -612,10 +637,55 @@ class Store:
         """What a tenant's decisions since `since` cost: the real cost where known, else the predicted one."""
         with Session(self.engine) as session:
             total = session.execute(
-                select(func.sum(func.coalesce(DecisionRow.cost_usd, DecisionRow.predicted_cost_usd, 0.0)))
-                .where(DecisionRow.tenant == tenant, DecisionRow.created_at >= since, DecisionRow.status.not_in(("error", "rejected")))
+                select(func.sum(_SPENT)).where(DecisionRow.tenant == tenant, DecisionRow.created_at >= since, _SPENDING)
             ).scalar()
         return float(total or 0.0)
+
+    def spend_since(self, since: datetime) -> list[tuple[datetime, str | None, float]]:
+        """(time, tenant, cost) of every decision since `since` that spends, oldest first, counted as `tenant_spend` counts."""
+        with Session(self.engine) as session:
+            rows = session.execute(
+                select(DecisionRow.created_at, DecisionRow.tenant, _SPENT).where(DecisionRow.created_at >= since, _SPENDING)
+                .order_by(DecisionRow.created_at)
+            ).all()
+        return [(at, tenant, float(cost)) for at, tenant, cost in rows]
+
+    def rewards_since(self, since: datetime, limit: int) -> list[tuple[datetime, DecisionRecord, float]]:
+        """The last `limit` rewards given since `since`, oldest first, each with the parts of its decision that
+        off-policy estimates read (who decided, the choice, its propensity, the mode, every policy's
+        probabilities; read as `_stored` reads them): the candidates and neighbours, which would cost most
+        of the time to decode, are left out."""
+        with Session(self.engine) as session:
+            rows = session.execute(
+                select(Reward.created_at, Reward.reward, DecisionRow.id, DecisionRow.policy, DecisionRow.chosen_backend, DecisionRow.backend,
+                       DecisionRow.status, DecisionRow.propensity, DecisionRow.mode, DecisionRow.shadow)
+                .join(DecisionRow, DecisionRow.id == Reward.decision_id)
+                .where(Reward.created_at >= since).order_by(Reward.id.desc()).limit(limit)
+            ).all()
+        rewarded = []
+        for at, reward, decision_id, policy, chosen, backend, status, propensity, mode, shadow in reversed(rows):
+            record = DecisionRecord.from_columns(
+                decision_id, policy, chosen or backend, backend if status == "ok" else None, propensity, 0, {"candidates": [], "shadow": shadow}
+            )
+            record.mode = mode
+            rewarded.append((at, record, float(reward)))
+        return rewarded
+
+    def recent_decisions(self, limit: int, query_chars: int = 200) -> list[DecisionSummary]:
+        """The newest `limit` decisions, newest first, with their feedback; queries cut to `query_chars`."""
+        with Session(self.engine) as session:
+            rows = session.execute(
+                select(
+                    DecisionRow.id, DecisionRow.created_at, DecisionRow.kind, DecisionRow.tenant, func.substr(DecisionRow.query, 1, query_chars),
+                    DecisionRow.policy, DecisionRow.backend, DecisionRow.status, DecisionRow.mode, DecisionRow.cost_usd,
+                    DecisionRow.predicted_cost_usd, DecisionRow.latency_ms, DecisionRow.over_budget, DecisionRow.error, Reward.reward,
+                    Preference.winner, Preference.loser,
+                )
+                .outerjoin(Reward, Reward.decision_id == DecisionRow.id)
+                .outerjoin(Preference, Preference.decision_id == DecisionRow.id)
+                .order_by(DecisionRow.created_at.desc(), DecisionRow.id).limit(limit)
+            ).all()
+        return [DecisionSummary(*row[:14], reward=row[14], preference=(row[15], row[16]) if row[15] else None) for row in rows]
 
     def ping(self) -> None:
         """One round trip to the database (raises when it cannot be reached)."""

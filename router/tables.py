@@ -8,6 +8,8 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Column, DateTime, LargeBinary, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from router.config import PREDICTOR_KINDS
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -156,7 +158,7 @@ class TrainingRun(SQLModel, table=True):
     __tablename__ = "training_runs"
 
     id: int | None = Field(default=None, primary_key=True)
-    kind: str = Field(max_length=16, index=True, description="forc | hybrid")
+    kind: str = Field(max_length=16, index=True, description=" | ".join(PREDICTOR_KINDS))
     trigger: str = Field(max_length=16, description="schedule | cli | replay")
     started_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
     duration_s: float | None = None

@@ -53,7 +53,8 @@ def train_settings(config: RouterConfig) -> TrainSettings:
 
 
 def run_training(config: RouterConfig, trigger: str) -> list[dict[str, Any]]:
-    """Train every predictor kind once (FORC, Hybrid-LLM, the answer scorer); returns the recorded runs (as dicts)."""
+    """Train every predictor kind once (`PREDICTOR_KINDS`: FORC, Hybrid-LLM, the answer scorer, and `mf` while the
+    `mf` policy runs); returns the recorded runs (as dicts)."""
     db = create_db_engine(config.database_url)
     try:
         backends = [b.name for b in config.backends]

@@ -14,7 +14,8 @@ class FakeVLLM:
     `health_status` and `chat_status` say what it answers; `chat_delay_s` holds chat answers back (a hung
     backend); `cut_streams` makes a streamed answer stop after its first event, as when a server dies;
     `stream_gap_s` is the pause between the events of a whole streamed answer; `answer` is what it says;
-    `requests` holds every chat request body it received.
+    `requests` holds every chat request body it received, `received_headers` every request's path and headers;
+    with `api_key` set, `/v1/*` answers 401 unless sent `Authorization: Bearer <api_key>` (a hosted API).
     A stand-in only for failures a real vLLM cannot be made to show on demand.
     """
 
@@ -26,10 +27,13 @@ class FakeVLLM:
         self.cut_streams = False
         self.stream_gap_s = 0.0
         self.answer = "hi"
+        self.kv_cache_usage = 0.25  # reported in /metrics as vllm:kv_cache_usage_perc
         self.max_model_len: int | None = None  # reported in /v1/models as vLLM does, when set
         self.extra_fields: dict[str, Any] = {}  # server-specific fields added to every completion and chunk
         self.error_body: Any = None  # the body of a non-200 chat answer (default: OpenAI's error shape)
         self.requests: list[dict[str, Any]] = []
+        self.received_headers: list[tuple[str, dict[str, str]]] = []
+        self.api_key: str | None = None
         self.chats = 0
         self._stop = threading.Event()
         server = self
@@ -46,7 +50,19 @@ class FakeVLLM:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _refused(self) -> bool:
+                """Record the request's headers; True (and a 401 sent) when the API key is required and wrong."""
+                server.received_headers.append((self.path, dict(self.headers.items())))
+                if server.api_key is None or not self.path.startswith("/v1/"):
+                    return False
+                if self.headers.get("Authorization") == f"Bearer {server.api_key}":
+                    return False
+                self._send(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error", "code": "invalid_api_key"}})
+                return True
+
             def do_GET(self) -> None:
+                if self._refused():
+                    return
                 if self.path == "/health":
                     self._send(server.health_status, {})
                 elif self.path == "/v1/models":
@@ -55,12 +71,15 @@ class FakeVLLM:
                         card["max_model_len"] = server.max_model_len
                     self._send(200, {"object": "list", "data": [card]})
                 elif self.path == "/metrics":
-                    self._send(200, "vllm:num_requests_running 1.0\nvllm:num_requests_waiting 0.0\n", "text/plain")
+                    metrics = f"vllm:num_requests_running 1.0\nvllm:num_requests_waiting 0.0\nvllm:kv_cache_usage_perc {server.kv_cache_usage}\n"
+                    self._send(200, metrics, "text/plain")
                 else:
                     self._send(404, {"error": {"message": "not found"}})
 
             def do_POST(self) -> None:
                 request = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                if self._refused():
+                    return
                 server.chats += 1
                 server.requests.append(request)
                 if request.get("stream") and server.cut_streams:

@@ -20,6 +20,7 @@ from litestar.response import Stream
 from litestar.status_codes import HTTP_200_OK, HTTP_500_INTERNAL_SERVER_ERROR, HTTP_503_SERVICE_UNAVAILABLE
 
 from router.api.auth import Authenticator, Principal
+from router.api.dashboard import dashboard_routes
 from router.api.docs import openapi_config
 from router.api.limits import routing_request
 from router.api.protocol import (
@@ -255,7 +256,7 @@ def create_app(service: RouterService, authenticator: Authenticator | None = Non
     return Litestar(
         route_handlers=[
             chat_completions, route, rewards, policy_stats, set_active_policy, backends, config, train_predictors, models, health, ready,
-            metrics,
+            metrics, *dashboard_routes(admin_guard),
         ],
         dependencies={"service": provide_service, "caller": provide_caller, "started": provide_started},
         state=State({"authenticator": authenticator, "max_body_bytes": service.config.limits.max_body_bytes}),

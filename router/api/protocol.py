@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -166,3 +167,57 @@ class ActivePolicyRequest(BaseModel):
 
 class ActivePolicyResponse(BaseModel):
     active_policy: str
+
+
+class DashboardPolicySeries(BaseModel):
+    """One policy over time, one value per bucket (null until there is something to estimate from)."""
+
+    rewards: list[int] = Field(description="Rewards of the policy's own decisions so far in the window.")
+    mean_reward: list[float | None] = Field(description="Running mean reward of the policy's own decisions.")
+    ips: list[float | None] = Field(description="Running off-policy estimate (IPS) over every rewarded decision.")
+    snips: list[float | None] = Field(description="Running self-normalised estimate (SNIPS).")
+
+
+class DashboardKeyBurnDown(BaseModel):
+    max_spend_usd: float
+    period: str
+    remaining_usd: list[float | None] = Field(description="Budget left at each bucket's end (null before the current period began).")
+
+
+class DashboardSpend(BaseModel):
+    spent_usd: list[float] = Field(description="Cumulative spend from the window's start.")
+    allowance_usd: list[float] | None = Field(description="What the pacing target allows over the same time (null: no target).")
+    keys: dict[str, DashboardKeyBurnDown] = Field(description="Each budgeted key's budget burning down.")
+
+
+class DashboardDecision(BaseModel):
+    decision_id: str
+    created_at: datetime
+    kind: str
+    tenant: str | None = Field(description="The key that made it (null: open mode); only that key may give feedback on it.")
+    query: str = Field(description="The query, cut short.")
+    policy: str
+    backend: str
+    status: str
+    mode: str
+    cost_usd: float | None
+    predicted_cost_usd: float | None
+    latency_ms: float | None
+    over_budget: bool
+    error: str | None
+    reward: float | None
+    preference: tuple[str, str] | None = Field(description="(winner, loser), when the feedback was a preference.")
+
+
+class DashboardResponse(BaseModel):
+    """`GET /v1/dashboard`: the dashboard's series (bucket ends in `t`, unix seconds) and the newest decisions."""
+
+    caller: str | None = Field(description="The key that asked (null: open mode).")
+    active_policy: str
+    start: float
+    end: float
+    bucket_s: float
+    t: list[float]
+    policies: dict[str, DashboardPolicySeries]
+    spend: DashboardSpend
+    decisions: list[DashboardDecision]

@@ -17,7 +17,7 @@ import json
 import math
 import random
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -37,6 +37,38 @@ class Outcome:
     quality: float  # in [0,1]
     output_tokens: int | None  # None where the source did not record a length
     observed_at: float  # unix seconds; the latest prompts become the validation split
+
+
+@dataclass(frozen=True)
+class PromptOutcomes:
+    """Everything observed on one prompt text: per backend the mean quality, and the mean answer length
+    where one was recorded; `observed_at` is the latest observation."""
+
+    text: str
+    qualities: dict[str, float]
+    output_tokens: dict[str, float]
+    observed_at: float
+
+
+def by_prompt(outcomes: Iterable[Outcome]) -> list[PromptOutcomes]:
+    """Outcomes grouped by prompt text (in order of first appearance); repeated observations of a
+    (prompt, backend) pair are averaged. What the `mf` model trains on and what warm starts learn from."""
+    groups: dict[str, list[Outcome]] = defaultdict(list)
+    for outcome in outcomes:
+        groups[outcome.text].append(outcome)
+    grouped = []
+    for text, group in groups.items():
+        qualities: dict[str, list[float]] = defaultdict(list)
+        lengths: dict[str, list[int]] = defaultdict(list)
+        for outcome in group:
+            qualities[outcome.backend].append(outcome.quality)
+            if outcome.output_tokens is not None:
+                lengths[outcome.backend].append(outcome.output_tokens)
+        grouped.append(PromptOutcomes(
+            text, {b: sum(q) / len(q) for b, q in qualities.items()}, {b: sum(n) / len(n) for b, n in lengths.items()},
+            max(outcome.observed_at for outcome in group),
+        ))
+    return grouped
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from router.config import EmbedderConfig
 from router.predictors.artifacts import METADATA_FILE, ArtifactStore, Version
 from router.predictors.models import StrictModel
 from router.predictors.training import Promotion, SampleCounts
@@ -341,15 +342,12 @@ def mf_samples_from_db(db: Any, backends: list[str], embed: Any) -> list[MfSampl
     from sqlmodel import Session, select
 
     from router.history import training_outcomes
+    from router.predictors.data import by_prompt
     from router.tables import DecisionRow, Preference
 
-    grouped: dict[str, dict[str, Any]] = {}
-    for outcome in training_outcomes(db, backends):
-        entry = grouped.setdefault(outcome.text, {"q": {}, "n": {}, "p": [], "t": 0.0})
-        count = entry["n"].get(outcome.backend, 0) + 1
-        entry["q"][outcome.backend] = entry["q"].get(outcome.backend, 0.0) + (outcome.quality - entry["q"].get(outcome.backend, 0.0)) / count
-        entry["n"][outcome.backend] = count
-        entry["t"] = max(entry["t"], outcome.observed_at)
+    outcomes = {prompt.text: prompt for prompt in by_prompt(training_outcomes(db, backends))}
+    preferences: dict[str, list[tuple[str, str]]] = {}
+    latest = {text: prompt.observed_at for text, prompt in outcomes.items()}
     with Session(db) as session:
         rows = session.execute(
             select(DecisionRow.query, Preference.winner, Preference.loser, Preference.created_at)
@@ -357,24 +355,25 @@ def mf_samples_from_db(db: Any, backends: list[str], embed: Any) -> list[MfSampl
             .order_by(Preference.id)
         ).all()
     for text, winner, loser, at in rows:
-        entry = grouped.setdefault(text, {"q": {}, "n": {}, "p": [], "t": 0.0})
-        entry["p"].append((winner, loser))
-        entry["t"] = max(entry["t"], at.timestamp() if hasattr(at, "timestamp") else float(at))
-    texts = list(grouped)
+        preferences.setdefault(text, []).append((winner, loser))
+        latest[text] = max(latest.get(text, 0.0), at.timestamp() if hasattr(at, "timestamp") else float(at))
+    texts = list(latest)
     if not texts:
         return []
     vectors = embed(texts)
-    return [MfSample(vector, grouped[text]["q"], tuple(grouped[text]["p"]), grouped[text]["t"]) for text, vector in zip(texts, vectors)]
+    return [MfSample(vector, dict(outcomes[text].qualities) if text in outcomes else {}, tuple(preferences.get(text, ())), latest[text])
+            for text, vector in zip(texts, vectors)]
 
 
 def train_mf_job(db: Any, artifacts_dir: str, backends: list[str], min_samples: int, settings: MfSettings,
-                 embedder_path: str = "") -> dict[str, Any]:
+                 embedder_config: EmbedderConfig | None = None) -> dict[str, Any]:
     """One MF run for the scheduled job: the fields of its `training_runs` row (status, samples, losses,
-    promotion, version, details). Skipped below `min_samples` prompts."""
-    from router.embedding import Embedder
+    promotion, version, details). Skipped below `min_samples` prompts. The prompts are embedded by the
+    service's own embedder (`embedder_config`), since the model scores the service's query vectors."""
+    from router.embedding import build_embedder
 
     fields: dict[str, Any] = {"status": "ok"}
-    embedder = Embedder(embedder_path)
+    embedder = build_embedder(embedder_config or EmbedderConfig())
     samples = mf_samples_from_db(db, backends, embedder.embed)
     if len(samples) < min_samples:
         return {"status": "skipped", "error": f"{len(samples)} prompts with outcomes; {min_samples} needed"}
@@ -412,7 +411,7 @@ def mf_training_run(db: Any, config: Any, trigger: str) -> dict[str, Any]:
     settings = MfSettings(validation_fraction=p.validation_fraction, max_samples=p.max_samples, threads=p.threads, seed=config.seed or 0)
     try:
         for key, value in train_mf_job(db, p.artifacts_dir, [b.name for b in config.backends], p.min_samples, settings,
-                                       config.embedder.path).items():
+                                       config.embedder).items():
             setattr(run, key, value)
     except Exception as exc:  # a failed run is recorded and logged; the model in use stays
         log.exception("mf training failed")

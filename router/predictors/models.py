@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokeniz
 from router.embedding import packaged_minilm_path
 
 Kind = Literal["forc", "hybrid", "scorer"]
-KINDS: tuple[Kind, ...] = ("forc", "hybrid", "scorer")  # every predictor kind the training job trains
+KINDS: tuple[Kind, ...] = ("forc", "hybrid", "scorer")  # the encoder predictors; every kind: router.config.PREDICTOR_KINDS
 WEIGHTS_FILE = "weights.safetensors"  # backbone and head together
 PREDICTOR_FILE = "predictor.json"
 ENCODER_DIR = "encoder"  # the backbone's config and the tokenizer

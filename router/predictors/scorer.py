@@ -50,6 +50,7 @@ from router.predictors.training import (
     _torch_threads,
     _trainable_backbone_parameters,
 )
+from router.progress import bar
 
 RANK_TEMPERATURE = 0.1  # quality 0.1 apart: target odds e:1 in the listwise term
 ABSOLUTE_WEIGHT = 0.1  # weight of the BCE term next to the listwise one (more costs ranking: see train_scorer)
@@ -467,19 +468,21 @@ def _fit(scorer: AnswerScorer, groups: list[Group], settings: TrainSettings) -> 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / max(steps, 1))
     generator = random.Random(settings.seed)
     network.train()
-    for _ in range(settings.epochs):
-        order = list(range(len(groups)))
-        generator.shuffle(order)
-        for batch in _group_batches([len(encoded[index]) for index in order], settings.batch_size):
-            members = [order[position] for position in batch]
-            rows = [row for index in members for row in encoded[index]]
-            target = torch.tensor([q for index in members for q in groups[index].qualities], dtype=torch.float32)
-            loss = ranking_loss(network(*scorer.collate(rows)), target, [len(encoded[index]) for index in members])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
+    with bar("training answer scorer", steps, unit="batch") as update:
+        for _ in range(settings.epochs):
+            order = list(range(len(groups)))
+            generator.shuffle(order)
+            for batch in _group_batches([len(encoded[index]) for index in order], settings.batch_size):
+                members = [order[position] for position in batch]
+                rows = [row for index in members for row in encoded[index]]
+                target = torch.tensor([q for index in members for q in groups[index].qualities], dtype=torch.float32)
+                loss = ranking_loss(network(*scorer.collate(rows)), target, [len(encoded[index]) for index in members])
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                update(1)
     network.eval()
 
 

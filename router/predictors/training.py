@@ -17,6 +17,7 @@ from pydantic import Field
 from router.embedding import packaged_minilm_path
 from router.predictors.data import ForcRows, Outcome, PairRows, Rows, split_by_time
 from router.predictors.models import ForcPredictor, HybridPredictor, Network, Predictor, StrictModel, TextModel
+from router.progress import bar
 
 P = TypeVar("P", ForcPredictor, HybridPredictor)
 
@@ -152,14 +153,16 @@ def _fit(model: TextModel, rows: Rows, settings: TrainSettings) -> None:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / max(steps, 1))
     generator = random.Random(settings.seed)
     network.train()
-    for _ in range(settings.epochs):
-        for batch in _length_batches([len(row) for row in ids], settings.batch_size, generator):
-            loss = rows.subset(batch).loss(network(*model.collate([ids[index] for index in batch])))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
+    with bar("training predictor", steps, unit="batch") as update:
+        for _ in range(settings.epochs):
+            for batch in _length_batches([len(row) for row in ids], settings.batch_size, generator):
+                loss = rows.subset(batch).loss(network(*model.collate([ids[index] for index in batch])))
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                update(1)
     network.eval()
 
 

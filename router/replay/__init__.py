@@ -15,12 +15,12 @@ Layout (imports point down only; nothing imports `peers` but the evaluation, laz
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from router.config import RouterConfig
 from router.evaluation import aiq
+from router.progress import ticking
 from router.replay.data import Dataset, DatasetError, Outcome, Prompt, embed_dataset, load_dataset
 from router.replay.passes import PassResult, TrainFraction, replay_config, replay_pass, select_policies, shadow_names
 from router.replay.report import Evaluation, comparison_table, references, report
@@ -45,24 +45,22 @@ def run(
     peers: bool = False,
     train: TrainFraction | None = None,
     shadows: bool = False,
-    progress: Callable[[str], None] | None = None,
     mode: str = "route",
     k: int | None = None,
     warm_start: bool = False,
 ) -> list[dict[str, Any]]:
     """Replay `policies` (and peers) over `data` under `config` (`budget_usd`, when given, replacing its
-    budget target); write report.json per method, and for several a table and plots. `progress` is told
-    what runs next. `mode` `cascade` or `parallel` (with `k` calls, default the config's) replays an
-    answer-aware mode instead (`router.replay.modes`): one report per policy for parallel, one for cascade."""
+    budget target); write report.json per method, plots, and for several a table. Long work shows progress
+    bars inside a `router.progress.showing()` block. `mode` `cascade` or `parallel` (with `k` calls, default
+    the config's) replays an answer-aware mode instead (`router.replay.modes`): one report per policy for
+    parallel, one for cascade."""
     config = replay_config(config, budget_usd)
     dataset = load_dataset(data, models)
-    if progress:
-        progress(f"embedding {len(dataset.prompts)} prompts")
     cache_dir = cache_dir or Path.home() / ".cache" / "llm-router" / "embeddings"
     vectors = embed_dataset(data, dataset, embedder, cache_dir)
     if mode != "route":
         return _run_mode(data, dataset, vectors, policies, seeds, config, train, embedder, mode, k, budgets, out,
-                         cache_dir.parent / "scorers", progress)
+                         cache_dir.parent / "scorers")
     evaluation = Evaluation(dataset, vectors, seeds, config, train, shadows, warm_start=warm_start and train is not None)
     two_models = len(dataset.models) == 2
     sweep_budgets = budgets or (evaluation.two_model_budgets() if two_models else None)
@@ -72,9 +70,7 @@ def run(
 
         methods += [(p, True) for p in PEERS]
     reports, runs = [], {}
-    for number, (method, peer) in enumerate(methods, 1):
-        if progress:
-            progress(f"{method} ({number}/{len(methods)})")
+    for method, peer in ticking(methods, "policies", unit="policy"):
         passes = evaluation.passes(method, peer)
         result = report(dataset, method, seeds, passes, config, None if peer else train, peer=peer,
                         shadows=shadow_names(config, method) if shadows and not peer else None, warm_start=evaluation.warm_start)
@@ -96,25 +92,23 @@ def run(
         target.mkdir(parents=True, exist_ok=True)
         (target / "report.json").write_text(json.dumps(r, indent=2))
     if several:
-        from router.replay.plots import plot
-
         (out / "comparison.md").write_text(comparison_table(reports))
-        plot(reports, runs, out)
+    from router.replay.plots import plot
+
+    plot(reports, runs, out)
     return reports
 
 
 def _run_mode(data: str | Path, dataset: Dataset, vectors: Any, policies: list[str], seeds: list[int], config: RouterConfig,
               train: TrainFraction | None, embedder: Any, mode: str, k: int | None, budgets: list[float] | None, out: Path,
-              scorer_cache: Path, progress: Callable[[str], None] | None) -> list[dict[str, Any]]:
+              scorer_cache: Path) -> list[dict[str, Any]]:
     from router.replay.modes import ModeEvaluation, ModeSettings, mode_report, plot_mode
 
     settings = ModeSettings(mode, k or config.modes.parallel_k, config.modes.cascade_threshold, config.modes.cascade_max_calls)
-    evaluation = ModeEvaluation(data, dataset, vectors, seeds, config, train, embedder, settings, scorer_cache, progress)
+    evaluation = ModeEvaluation(data, dataset, vectors, seeds, config, train, embedder, settings, scorer_cache)
     budget = config.budget.target_usd_per_query or None
     reports = []
-    for number, policy in enumerate(policies if mode == "parallel" else ["frontier"], 1):
-        if progress:
-            progress(f"{mode} {policy} ({number})")
+    for policy in ticking(policies if mode == "parallel" else ["frontier"], mode, unit="policy"):
         reports.append(mode_report(evaluation, policy, budget, budgets))
     several = len(reports) > 1
     for r in reports:

@@ -11,6 +11,9 @@ from typing import Any
 import numpy as np
 
 from policies import Arm
+from router.progress import bar
+
+EMBED_CHUNK = 512  # prompts per embedder call: one step of the progress bar
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,13 @@ def embed_dataset(dataset_path: str | Path, dataset: Dataset, embedder: Any, cac
     cache = embedding_cache_file(dataset_path, dataset, embedder, cache_dir)
     if cache.exists():
         return np.load(cache)
-    vectors = embedder.embed([p.prompt for p in dataset.prompts])
+    texts = [p.prompt for p in dataset.prompts]
+    parts = []
+    with bar("embedding prompts", len(texts), unit="prompt") as update:
+        for start in range(0, len(texts), EMBED_CHUNK):
+            parts.append(embedder.embed(texts[start : start + EMBED_CHUNK]))
+            update(len(parts[-1]))
+    vectors = np.concatenate(parts)  # a dataset has at least one prompt (load_dataset)
     cache.parent.mkdir(parents=True, exist_ok=True)
     temporary = cache.with_suffix(".tmp.npy")
     np.save(temporary, vectors)

@@ -33,7 +33,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from policies import PREDICTED_POLICIES
 from router.config import RouterConfig
 from router.engine import build_engine
 from router.evaluation import aiq, upper_hull
+from router.progress import ticking
 from router.replay.data import Dataset, load_answers, output_tokens
 from router.replay.passes import PassResult, TrainFraction, replay_config
 
@@ -209,7 +210,7 @@ def parallel_pass(dataset: Dataset, vectors: np.ndarray, policy: str, seed: int,
     cap = config.budget.default_max_cost_usd or None
     prices = {m.name: m for m in dataset.models}
     qualities, costs, timings, choices, calls, best, first, made = [], [], [], [], [], [], [], []
-    for step, index in enumerate(order.tolist()):
+    for step, index in enumerate(ticking(order.tolist(), f"parallel {policy}, seed {seed}")):
         prompt = dataset.prompts[index]
         predictions = predicted[step - split] if predicted is not None and step >= split else None
         started = time.perf_counter()
@@ -385,21 +386,16 @@ class ModeEvaluation:
     """Runs a mode over one dataset for every seed: scorer training, passes, comparisons, sweeps."""
 
     def __init__(self, data: str | Path, dataset: Dataset, vectors: np.ndarray, seeds: list[int], config: RouterConfig,
-                 train: TrainFraction | None, embedder: Any, settings: ModeSettings, cache_dir: Path | None = None,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 train: TrainFraction | None, embedder: Any, settings: ModeSettings, cache_dir: Path | None = None) -> None:
         if settings.mode not in MODES:
             raise ValueError(f"mode {settings.mode!r} cannot be replayed; replayable: route, {', '.join(MODES)}")
         if settings.mode == "cascade" and train is None:
             raise ValueError("--mode cascade needs --train-fraction: its order and its scorer come from the history part")
         self.dataset, self.vectors, self.seeds, self.config = dataset, vectors, seeds, replay_config(config)
-        self.train, self.settings, self.cache_dir, self.progress = train, settings, cache_dir, progress
+        self.train, self.settings, self.cache_dir = train, settings, cache_dir
         self.answers = load_answers(data, dataset)
         self.embedder = embedder
         self._seeds: dict[int, Scorers] = {}
-
-    def _say(self, message: str) -> None:
-        if self.progress:
-            self.progress(message)
 
     def split(self) -> int:
         return round(len(self.dataset.prompts) * self.train.fraction) if self.train else 0
@@ -411,7 +407,6 @@ class ModeEvaluation:
         if seed not in self._seeds:
             found = Scorers(self.dataset, self.answers, self.embedder)
             if self.train is not None:
-                self._say(f"training the answer scorer (seed {seed})")
                 found.trained, found.training, found.calibration = train_history_scorer(
                     self.dataset, self.answers, self.history(seed), seed, self.train, self.cache_dir)
                 if found.training.get("folder"):

@@ -20,6 +20,7 @@ import numpy as np
 from policies import PREDICTED_POLICIES, HistoryPrompt, registry
 from router.config import BudgetConfig, RouterConfig, load_config
 from router.engine import build_engine
+from router.progress import ticking
 from router.replay.data import Dataset, output_tokens
 
 
@@ -211,7 +212,8 @@ def replay_pass(
     cap = config.budget.default_max_cost_usd or None
     prices = {m.name: m for m in dataset.models}
     qualities, costs, timings, choices = [], [], [], []
-    for step, index in enumerate(order.tolist()):
+    label = f"{policy}, seed {seed}" + (f", budget ${budget_usd:g}" if budget_usd is not None else "")
+    for step, index in enumerate(ticking(order.tolist(), label)):
         if step < start:  # warm-started from it instead
             continue
         prompt = dataset.prompts[index]

@@ -31,6 +31,7 @@ import numpy as np
 from mabwiser.mab import MAB, LearningPolicy
 from river import bandit, preprocessing
 
+from router.progress import ticking
 from router.replay.data import Dataset
 from router.replay.passes import PassResult
 
@@ -124,7 +125,7 @@ def peer_pass(
     peer = PEERS[name](arms, seed, features.shape[1])
     qualities, costs, timings, choices = [], [], [], []
     order = np.random.default_rng(seed).permutation(len(dataset.prompts))
-    for index in order.tolist():
+    for index in ticking(order.tolist(), f"{name}, seed {seed}"):
         x = features[index]
         started = time.perf_counter()
         arm = peer.choose(x)

@@ -61,7 +61,7 @@ def test_load_quick(tmp_path, sqlite_url, fakes, start_router):
 
 def test_embedding_quick():
     output = run_script("embedding.py", "--quick").stdout
-    assert "recall@10" in output and "fast-fp32" in output
+    assert "recall@10" in output and "fast-fp32" in output and "model-256-static" in output
 
 
 def test_train_quick():

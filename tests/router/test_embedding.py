@@ -1,15 +1,21 @@
-"""The fast (ONNX) embedder against the sentence-transformers reference, and the request batcher."""
+"""The fast (ONNX) embedder against the sentence-transformers reference, the static embedder distilled from
+MiniLM, the config that picks one, and the request batcher."""
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from router.embedding import MAX_BATCH, Embedder, TextBatcher, length_chunks
+import router.embedding
+from router.config import ConfigError, EmbedderConfig, load_config
+from router.embedding import MAX_BATCH, STATIC_DIMS, Embedder, TextBatcher, build_embedder, length_chunks, static_model_dir
+from tests.conftest import backend_table, write_config
 
-PROMPTS = [json.loads(line)["prompt"] for line in (Path(__file__).parents[1] / "data" / "two_kinds.jsonl").open()]
+ROWS = [json.loads(line) for line in (Path(__file__).parents[1] / "data" / "two_kinds.jsonl").open()]
+PROMPTS = [row["prompt"] for row in ROWS]
 LONG = " ".join(["The quick brown fox jumps over the lazy dog."] * 80)  # past the 256-token limit: truncated
 
 
@@ -48,6 +54,64 @@ def test_embed_keeps_order_shape_and_unit_norm(embedder: Embedder) -> None:
     alone = np.stack([embedder.embed([text])[0] for text in texts])
     np.testing.assert_allclose(together, alone, atol=1e-5)  # padding in a batch changes nothing
     assert embedder.embed([]).shape == (0, embedder.dim)
+
+
+@pytest.fixture(scope="module")
+def static() -> Embedder:
+    return Embedder(backend="static")  # distilled by `make setup`; distils here (minutes) when it is not cached
+
+
+def test_static_embedder_gives_unit_vectors_of_its_own_width_and_name(static: Embedder, embedder: Embedder) -> None:
+    texts = [LONG, PROMPTS[0], "hi", PROMPTS[70]]
+    together = static.embed(texts)
+    assert static.dim == STATIC_DIMS and together.shape == (len(texts), STATIC_DIMS) and together.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(together, np.stack([static.embed([text])[0] for text in texts]), atol=1e-6)
+    assert static.embed([]).shape == (0, STATIC_DIMS)
+    # other vectors, so another memory (the store keys rows by name) and other caches (keyed by fingerprint)
+    assert static.name != embedder.name and static.fingerprint != embedder.fingerprint
+    assert Embedder(backend="static").fingerprint == static.fingerprint  # stable across loads
+
+
+def test_static_embedder_puts_similar_prompts_nearer_than_unrelated_ones(static: Embedder) -> None:
+    capital, paraphrase, code = static.embed(["What is the capital of France?", "Which city is France's capital?",
+                                              "Write a python function that reverses a linked list."])
+    assert capital @ paraphrase > capital @ code + 0.2
+    vectors, kinds = static.embed(PROMPTS), np.array([row["kind"] for row in ROWS])
+    similarity = vectors @ vectors.T
+    np.fill_diagonal(similarity, -np.inf)
+    assert np.mean(kinds[similarity.argmax(axis=1)] == kinds) >= 0.95  # a prompt's nearest neighbour is of its kind
+
+
+def test_static_model_is_distilled_once_per_source_with_a_log_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    from router.predictors import build_tiny_backbone
+
+    source = build_tiny_backbone("distilbert", tmp_path / "tiny")  # 32 wide: distils in seconds
+    monkeypatch.setattr(router.embedding, "CACHE", tmp_path / "cache")
+    with caplog.at_level(logging.INFO, logger="llm_router"):
+        first = static_model_dir(source)
+    assert first.parent == tmp_path / "cache" and (first / "model.safetensors").is_file()
+    assert any("distilling a static embedder" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="llm_router"):
+        assert static_model_dir(source) == first
+    assert not caplog.records  # cached: no second distillation
+    tiny = Embedder(str(source), backend="static")
+    assert (tiny.dim, tiny.name) == (32, "tiny-32-static")
+
+
+def test_config_picks_the_embedder(tmp_path: Path) -> None:
+    assert load_config(environ={}).embedder.kind == "transformer"  # MiniLM stays the default
+    backends = backend_table("a", 18001, 0.1, 0.2)
+    file = write_config(tmp_path / "router.toml", "sqlite:///router.db", backends, extra='[embedder]\nkind = "static"')
+    assert load_config(file, environ={}).embedder.kind == "static"
+    assert load_config(environ={"LLM_ROUTER_EMBEDDER__KIND": "static"}).embedder.kind == "static"
+    file = write_config(tmp_path / "router.toml", "sqlite:///router.db", backends, extra='[embedder]\nkind = "glove"')
+    with pytest.raises(ConfigError, match="embedder.kind"):
+        load_config(file, environ={})
+    assert build_embedder(EmbedderConfig(kind="static")).backend == "static"
+    assert build_embedder(EmbedderConfig()).backend == "onnx"
 
 
 def test_length_chunks_cover_every_index_once_with_similar_lengths() -> None:

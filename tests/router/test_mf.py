@@ -130,7 +130,7 @@ def test_mf_policy_decides_from_the_estimates_with_lambda_and_falls_back_without
 def test_the_training_job_trains_mf_when_the_mf_policy_runs(tmp_path, embedder):
     import json
 
-    from router.config import load_config
+    from router.config import PREDICTOR_KINDS, load_config
     from router.predictors import build_tiny_backbone
     from router.training import run_training
     from tests.conftest import backend_table, free_port, write_config
@@ -146,6 +146,7 @@ def test_the_training_job_trains_mf_when_the_mf_policy_runs(tmp_path, embedder):
     section = "[predictors]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in predictors.items())
     with_mf = load_config(write_config(tmp_path / "mf.toml", url, backends, 'policies = ["mf", "thompson"]\n' + section))
     runs = {run["kind"]: run for run in run_training(with_mf, "cli")}
+    assert set(runs) == set(PREDICTOR_KINDS), "one run per kind that `llm-router train` and `training_runs.kind` name"
     assert runs["mf"]["status"] == "ok" and runs["mf"]["promoted"] and runs["mf"]["version"] == "v0001"
     # 400 prompts x 3 backends is little data: the factors may add nothing to the backends' means
     assert runs["mf"]["validation_loss"] < 1.05 * runs["mf"]["baseline_loss"] and runs["mf"]["samples_train"] == 320

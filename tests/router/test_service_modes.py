@@ -11,6 +11,7 @@ from sqlalchemy import select, update
 from sqlmodel import Session
 
 from router.config import load_config
+from router.history import answer_samples
 from router.service import RouterService
 from router.tables import DecisionCall, DecisionRow
 from tests.conftest import backend_table, chat_request, write_config
@@ -98,6 +99,24 @@ async def test_a_mode_streams_the_delivered_answer_and_stores_answers_when_confi
         session.commit()
     assert await service.purge_answers() == 1
     assert all(r.answer is None for r in _calls(service, routed.decision_id))
+    await service.close()
+
+
+async def test_a_reward_on_a_stored_answer_reaches_the_scorers_training_data(tmp_path, sqlite_url, embedder, fakes):
+    for name in NAMES:
+        fakes[name].answer = f"answer from {name}"
+    service = _service(tmp_path, sqlite_url, embedder, fakes, "[answers]\nstore = true\n")
+    _, one = await service.chat(chat_request("Name a colour.", max_tokens=8))
+    _, several = await service.chat(chat_request("Name a fruit.", max_tokens=8, router={"mode": "parallel"}))
+    await service.chat(chat_request("Name a tree.", max_tokens=8))  # answered and stored, never rewarded: not training data
+    await service.feedback(one.decision_id, None, reward=0.25)
+    await service.feedback(several.decision_id, None, reward=0.75)
+    delivered = next(c for c in several.calls if c.delivered)
+    samples = sorted((s.prompt, s.backend, s.answer, s.quality) for s in answer_samples(service.db))
+    assert samples == [  # the delivered answers, with their rewards; the others carry no reward
+        ("Name a colour.", one.record.backend, f"answer from {one.record.backend}", 0.25),
+        ("Name a fruit.", delivered.backend, f"answer from {delivered.backend}", 0.75),
+    ]
     await service.close()
 
 

@@ -95,7 +95,7 @@ async def test_predictor_policies_route_from_the_models_and_fall_back_when_broke
     before = await route(service, _request("What is 12 * 7?"))
     assert before.policy == "forc" and before.propensity < 1  # the fallback bandit: no model yet
     await asyncio.to_thread(run_training, service.config, "cli")
-    assert service.predictors.reload() == {"forc": "v0001", "hybrid": "v0001", "scorer": None}
+    assert service.predictors.reload() == {"forc": "v0001", "hybrid": "v0001", "scorer": None, "mf": None}  # no mf policy: no mf run
     info = await route(service, _request("What is 12 * 7?"))
     assert info.propensity == 1.0 and set(info.scores) == {SMALL, MID, LARGE}
     stats = await service.stats()
