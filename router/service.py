@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -58,22 +59,23 @@ from router.modes import plan as plan_calls
 from router.modes import run as run_mode
 from router.predicting import PredictorSet
 from router.store import (
+    Batched,
     Finish,
     GroupWriter,
     Hold,
     HoldRefused,
     LogEvent,
     NewDecision,
+    NewFeedback,
+    RecordedFeedback,
     Store,
     StoredDecision,
-    add_decision,
-    add_preference,
-    add_reward,
+    add_decisions,
     finish_decision,
-    load_decision,
     log_channel,
     models_channel,
     purge_answers,
+    record_feedback,
     release_orphans,
     settle_holds,
     take_holds,
@@ -178,6 +180,7 @@ class RouterService:
             migrate(self.db)
         self.store = Store(self.db)
         self.writer = GroupWriter(self.db)
+        self._record_feedback = functools.partial(record_feedback, refusal=self._feedback_refusal)  # one bulk: batched together
         self._outage: DatabaseUnavailable | None = None  # the database could not be reached, until a probe succeeds
         self.writer.on_outage, self.writer.on_commit = self._database_down, self._database_up
         breaker = config.breaker
@@ -659,11 +662,15 @@ class RouterService:
             holds.append(Hold(self._pacing_rule, plan.predicted_usd, charge, force))
         return holds
 
-    def _logging(self, new: NewDecision, holds: list[Hold]) -> Callable[[Any], None]:
+    def _logging(self, new: NewDecision, holds: list[Hold]) -> Callable[[Any], None] | Batched:
+        """The decision's write: batched with the other decisions of its commit, unless it takes holds
+        (several replicas), which must fit the spend rows one decision at a time."""
+        if not holds:
+            return Batched(add_decisions, new)
+
         def write(session: Any) -> None:
-            add_decision(session, new)
-            if holds:
-                take_holds(session, new.record.decision_id, holds, self.replica)
+            add_decisions(session, [new])
+            take_holds(session, new.record.decision_id, holds, self.replica)
         return write
 
     def _plan(self, request: RoutingRequest, record: DecisionRecord, kind: str, cap: float | None, pinned: bool) -> Plan:
@@ -943,27 +950,15 @@ class RouterService:
             if unknown:
                 raise BadRequest(f"unknown backends {unknown} in preference; known: {self.pool.names()}")
         await self._wait_until_answered(decision_id)
+        write = Batched(self._record_feedback, NewFeedback(decision_id, tenant, reward, preference, self.replica))
 
-        def write(session: Any) -> tuple[StoredDecision, np.ndarray | None, int, bool]:
-            decision, vector = load_decision(session, decision_id)
-            if decision.tenant != tenant:
-                raise Forbidden(f"decision {decision_id} was made by another key; only that key may give feedback on it")
-            if decision.status in ("error", "rejected"):
-                raise Conflict(f"decision {decision_id} produced no answer ({decision.error}); nothing to reward")
-            if self.clustered and decision.kind == "chat" and decision.status == "routed":
-                raise _StillAnswering()
-            if preference is not None:
-                return (decision, vector, *add_preference(session, decision_id, *preference, replica=self.replica))
-            assert reward is not None
-            return (decision, vector, *add_reward(session, decision_id, reward, replica=self.replica))
-
-        def learn(written: tuple[StoredDecision, np.ndarray | None, int, bool]) -> None:
-            decision, vector, feedback_id, duplicate = written
-            if duplicate:
+        def learn(recorded: RecordedFeedback) -> None:
+            if recorded.duplicate:
                 return
-            if vector is not None:
-                self._apply(decision, vector, reward, preference)
+            if recorded.vector is not None:
+                self._apply(recorded.decision, recorded.vector, reward, preference)
             rewards, preferences = self._learned
+            feedback_id = recorded.feedback_id
             self._learned = (max(rewards, feedback_id), preferences) if preference is None else (rewards, max(preferences, feedback_id))
             self._since_snapshot += 1
 
@@ -971,7 +966,7 @@ class RouterService:
         if self.clustered:
             duplicate = await self._feedback_through_log(decision_id, write)
         else:
-            _, _, _, duplicate = await self.writer.submit(write, learn)
+            duplicate = (await self.writer.submit(write, learn)).duplicate
         if not duplicate:
             self.metrics.rewards.labels(kind).inc()
             if not self.clustered and self._since_snapshot >= self.config.snapshot_every:
@@ -979,14 +974,25 @@ class RouterService:
                 self._spawn(self._snapshot_in_background())
         return FeedbackResult(decision_id, kind, duplicate)
 
-    async def _feedback_through_log(self, decision_id: str, write: Callable[[Any], Any]) -> bool:
+    def _feedback_refusal(self, decision: StoredDecision, feedback: NewFeedback) -> Exception | None:
+        """Why feedback on `decision` is not taken (None: it is): only the key that made a decision may give
+        feedback on it, and only on one that produced an answer."""
+        if decision.tenant != feedback.tenant:
+            return Forbidden(f"decision {feedback.decision_id} was made by another key; only that key may give feedback on it")
+        if decision.status in ("error", "rejected"):
+            return Conflict(f"decision {feedback.decision_id} produced no answer ({decision.error}); nothing to reward")
+        if self.clustered and decision.kind == "chat" and decision.status == "routed":
+            return _StillAnswering()
+        return None
+
+    async def _feedback_through_log(self, decision_id: str, write: Batched) -> bool:
         """Several replicas: write the feedback (waiting while another replica still answers the decision),
         then apply the log up to it. Returns whether it was a duplicate."""
         deadline = time.monotonic() + FEEDBACK_WAIT_S
         pause = 0.02
         while True:
             try:
-                _, _, _, duplicate = await self.writer.submit(write)
+                duplicate = (await self.writer.submit(write)).duplicate
                 break
             except _StillAnswering:
                 if time.monotonic() > deadline:
