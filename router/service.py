@@ -241,8 +241,8 @@ class RouterService:
     # -- start-up -------------------------------------------------------------------------------
 
     def _load_memory(self) -> None:
-        for ids, vectors, entries in self.store.memory_rows(self.embedder.name):
-            self.memory.add(ids, vectors, entries)
+        self.memory.load(*self.store.memory_rows(self.embedder.name, newest=self.config.memory.max_entries))
+        log.info("memory: %d past queries, %s index", len(self.memory), self.memory.index_kind)
         self.metrics.memory_size.set(len(self.memory))
 
     def _load_spend(self) -> None:
@@ -547,9 +547,16 @@ class RouterService:
         return await self.writer.submit(lambda session: purge_answers(session, before), logged=False)
 
     def _spawn(self, coroutine: Any) -> None:
+        """Work that goes on after the response (closing waits for it); its failure is logged."""
         task = asyncio.create_task(coroutine)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            error = task.exception()
+            log.error("background work failed: %s", getattr(error, "message", None) or repr(error))
 
     # -- deciding ---------------------------------------------------------------------------------
 
@@ -763,11 +770,11 @@ class RouterService:
             return await self._answer_with_mode(routed, request), routed
         backend, result = await self._call(routed, lambda state: state.client.chat(request.body))
         self._record_answer(routed, backend, result.completion_tokens, result.cost_usd, result.latency_ms)
-        await self._finish(routed, Finish(
+        self._spawn(self._finish(routed, Finish(  # not on the response path: feedback on it waits for this write
             "ok", self._failures(routed), backend=backend, prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens, cost_usd=result.cost_usd, latency_ms=result.latency_ms,
             answer=self._kept(answer_text(result.body)),
-        ))
+        )))
         return result.body, routed
 
     def _kept(self, answer: str | None) -> str | None:
@@ -844,11 +851,11 @@ class RouterService:
             if call is not delivered and call.completion_tokens is not None and not self.clustered:
                 self.engine.observe_answer_length(call.backend, call.completion_tokens)
         self._record_answer(routed, delivered.backend, delivered.completion_tokens or 0, routed.cost_usd, latency_ms)
-        await self._finish(routed, Finish(
+        self._spawn(self._finish(routed, Finish(  # not on the response path: feedback on it waits for this write
             "ok", self._failures(routed), backend=delivered.backend, prompt_tokens=delivered.prompt_tokens,
             completion_tokens=delivered.completion_tokens, cost_usd=routed.cost_usd, latency_ms=latency_ms,
             answer=self._kept(delivered.answer), calls=calls,
-        ))
+        )))
         body = dict(delivered.body)
         body["usage"] = _summed_usage(answered)
         return body

@@ -703,8 +703,21 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def memory_rows(self, embedder: str, batch: int = 5000) -> Iterator[tuple[np.ndarray, np.ndarray, list[MemoryEntry]]]:
-        """(memory ids, vectors, entries) of every stored query, in batches."""
+    def memory_rows(self, embedder: str, newest: int = 0, batch: int = 5000) -> tuple[int, Iterator[tuple[np.ndarray, np.ndarray, list[MemoryEntry]]]]:
+        """How many stored queries the memory gets (the `newest` ones, 0: all), and (memory ids, vectors,
+        entries) of each, oldest first, in batches."""
+        made = select(DecisionRow.created_at).join(QueryEmbedding, DecisionRow.embedding_id == QueryEmbedding.id).where(
+            QueryEmbedding.embedder == embedder
+        )
+        with self.engine.connect() as connection:
+            total = connection.execute(select(func.count()).select_from(made.subquery())).scalar_one()
+            since = None
+            if newest and total > newest:
+                since = connection.execute(made.order_by(DecisionRow.created_at.desc()).offset(newest - 1).limit(1)).scalar_one()
+                total = connection.execute(select(func.count()).select_from(made.where(DecisionRow.created_at >= since).subquery())).scalar_one()
+        return total, self._memory_batches(embedder, since, batch)
+
+    def _memory_batches(self, embedder: str, since: datetime | None, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray, list[MemoryEntry]]]:
         query = (
             select(
                 QueryEmbedding.id, QueryEmbedding.vector, DecisionRow.id, DecisionRow.backend, Reward.reward,
@@ -714,13 +727,15 @@ class Store:
             .outerjoin(Reward, Reward.decision_id == DecisionRow.id)
             .outerjoin(Preference, Preference.decision_id == DecisionRow.id)
             .where(QueryEmbedding.embedder == embedder)
-            .order_by(QueryEmbedding.id)
+            .order_by(DecisionRow.created_at, DecisionRow.id)
         )
+        if since is not None:
+            query = query.where(DecisionRow.created_at >= since)
         with self.engine.connect() as connection:
             result = connection.execution_options(yield_per=batch).execute(query)
             for partition in result.partitions(batch):
                 ids = np.array([row[0] for row in partition], dtype=np.int64)
-                vectors = np.stack([_vector(row[1]) for row in partition])
+                vectors = np.frombuffer(b"".join(row[1] for row in partition), dtype=np.float32).reshape(len(partition), -1)
                 entries = [
                     MemoryEntry(decision_id, backend, reward, (winner, loser) if winner else None, tokens)
                     for _, _, decision_id, backend, reward, winner, loser, tokens in partition
