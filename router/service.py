@@ -931,9 +931,10 @@ class RouterService:
         self.engine.learn(decision.record, vector, reward, decision.cost_for_learning, decision.latency_ms or 0.0,
                           learners=learners, with_router=with_router)
 
-    async def _wait_until_answered(self, decision_id: str) -> None:
-        """Feedback on a decision still being answered (a stream in progress) waits for its final write,
-        so learning always sees the backend that answered and the real cost."""
+    async def wait_for_final_write(self, decision_id: str) -> None:
+        """Until the decision's final write (outcome, cost, calls) is committed: it follows the answer out.
+        Feedback on a decision waits here, so learning always sees the backend that answered and the real
+        cost (a Conflict after FEEDBACK_WAIT_S, e.g. a stream still in progress)."""
         waiting = self._answering.get(decision_id)
         if waiting is None:
             return
@@ -956,7 +957,7 @@ class RouterService:
             unknown = [b for b in preference if b not in self.pool]
             if unknown:
                 raise BadRequest(f"unknown backends {unknown} in preference; known: {self.pool.names()}")
-        await self._wait_until_answered(decision_id)
+        await self.wait_for_final_write(decision_id)
         write = Batched(self._record_feedback, NewFeedback(decision_id, tenant, reward, preference, self.replica))
 
         def learn(recorded: RecordedFeedback) -> None:
