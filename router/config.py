@@ -248,7 +248,7 @@ class RouterConfig(_Strict):
     policies: list[str] = Field(default_factory=lambda: ["thompson", "qlearning", "vw", "elo", "gradient", "random"])
     policy_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     seed: int | None = None
-    snapshot_every: int = Field(default=200, ge=1, description="Snapshot policy state every N rewards (and at exit).")
+    snapshot_every: int = Field(default=1000, ge=1, description="Snapshot policy state every N rewards (and at exit); a restart replays at most this many.")
     server: ServerConfig = ServerConfig()
     embedder: EmbedderConfig = EmbedderConfig()
     memory: MemoryConfig = MemoryConfig()

@@ -718,6 +718,7 @@ class Store:
         return total, self._memory_batches(embedder, since, batch)
 
     def _memory_batches(self, embedder: str, since: datetime | None, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray, list[MemoryEntry]]]:
+        """Plain driver rows (no ORM objects, no result processing: a million of them at start), oldest first."""
         query = (
             select(
                 QueryEmbedding.id, QueryEmbedding.vector, DecisionRow.id, DecisionRow.backend, Reward.reward,
@@ -731,16 +732,24 @@ class Store:
         )
         if since is not None:
             query = query.where(DecisionRow.created_at >= since)
-        with self.engine.connect() as connection:
-            result = connection.execution_options(yield_per=batch).execute(query)
-            for partition in result.partitions(batch):
-                ids = np.array([row[0] for row in partition], dtype=np.int64)
-                vectors = np.frombuffer(b"".join(row[1] for row in partition), dtype=np.float32).reshape(len(partition), -1)
+        compiled = query.compile(self.engine, compile_kwargs={"render_postcompile": True})
+        parameters = compiled.construct_params()
+        raw = self.engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            positional = compiled.positiontup
+            cursor.execute(str(compiled), tuple(parameters[name] for name in positional) if positional else parameters)
+            while rows := cursor.fetchmany(batch):
+                ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+                vectors = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.float32).reshape(len(rows), -1)
                 entries = [
                     MemoryEntry(decision_id, backend, reward, (winner, loser) if winner else None, tokens)
-                    for _, _, decision_id, backend, reward, winner, loser, tokens in partition
+                    for _, _, decision_id, backend, reward, winner, loser, tokens in rows
                 ]
                 yield ids, vectors, entries
+            cursor.close()
+        finally:
+            raw.close()
 
     def feedback_since(self, after_reward_id: int = 0, after_preference_id: int = 0) -> Iterator[StoredFeedback]:
         """Rewards and preferences after the given ids, in the order they were acknowledged."""
