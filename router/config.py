@@ -120,6 +120,14 @@ class EmbedderConfig(_Strict):
     neighbours: int = Field(default=20, ge=0, le=1000, description="k nearest past decisions per query.")
 
 
+class MemoryConfig(_Strict):
+    """The FAISS memory of past queries: which index, and how many queries it keeps (README "Performance")."""
+
+    exact_up_to: int = Field(default=20_000, ge=0, description="Queries searched exactly; past this, an IVF index (fp16 vectors).")
+    nprobe: int = Field(default=16, ge=1, le=4096, description="IVF lists scanned per search (recall against speed).")
+    max_entries: int = Field(default=1_000_000, ge=0, description="The newest queries kept, at start and while serving (0: no bound).")
+
+
 class BudgetConfig(_Strict):
     default_max_cost_usd: float = Field(default=0.0, ge=0, description="Per-request cap; 0 = none.")
     default_output_tokens: int = Field(
@@ -295,9 +303,10 @@ class RouterConfig(_Strict):
     policies: list[str] = Field(default_factory=lambda: ["thompson", "qlearning", "vw", "elo", "gradient", "random"])
     policy_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     seed: int | None = None
-    snapshot_every: int = Field(default=200, ge=1, description="Snapshot policy state every N rewards (and at exit).")
+    snapshot_every: int = Field(default=1000, ge=1, description="Snapshot policy state every N rewards (and at exit); a restart replays at most this many.")
     server: ServerConfig = ServerConfig()
     embedder: EmbedderConfig = EmbedderConfig()
+    memory: MemoryConfig = MemoryConfig()
     budget: BudgetConfig = BudgetConfig()
     health: HealthConfig = HealthConfig()
     breaker: BreakerConfig = BreakerConfig()

@@ -418,7 +418,7 @@ def build_engine(
     return RoutingEngine(
         policies={name: registry.create(name, seed=chosen_seed, **config.policy_options.get(name, {})) for name in names},
         active=active or (config.default_policy if config.default_policy in names else names[0]),
-        memory=Memory(dim),
+        memory=Memory(dim, config.memory),
         pacer=BudgetPacer(
             target_usd_per_query=budget.target_usd_per_query or None,
             target_usd_per_hour=budget.target_usd_per_hour or None,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -58,22 +59,23 @@ from router.modes import plan as plan_calls
 from router.modes import run as run_mode
 from router.predicting import PredictorSet
 from router.store import (
+    Batched,
     Finish,
     GroupWriter,
     Hold,
     HoldRefused,
     LogEvent,
     NewDecision,
+    NewFeedback,
+    RecordedFeedback,
     Store,
     StoredDecision,
-    add_decision,
-    add_preference,
-    add_reward,
+    add_decisions,
     finish_decision,
-    load_decision,
     log_channel,
     models_channel,
     purge_answers,
+    record_feedback,
     release_orphans,
     settle_holds,
     take_holds,
@@ -182,6 +184,7 @@ class RouterService:
             migrate(self.db)
         self.store = Store(self.db)
         self.writer = GroupWriter(self.db)
+        self._record_feedback = functools.partial(record_feedback, refusal=self._feedback_refusal)  # one bulk: batched together
         self._outage: DatabaseUnavailable | None = None  # the database could not be reached, until a probe succeeds
         self.writer.on_outage, self.writer.on_commit = self._database_down, self._database_up
         breaker = config.breaker
@@ -242,8 +245,8 @@ class RouterService:
     # -- start-up -------------------------------------------------------------------------------
 
     def _load_memory(self) -> None:
-        for ids, vectors, entries in self.store.memory_rows(self.embedder.name):
-            self.memory.add(ids, vectors, entries)
+        self.memory.load(*self.store.memory_rows(self.embedder.name, newest=self.config.memory.max_entries))
+        log.info("memory: %d past queries, %s index", len(self.memory), self.memory.index_kind)
         self.metrics.memory_size.set(len(self.memory))
 
     def _load_spend(self) -> None:
@@ -550,9 +553,16 @@ class RouterService:
         return await self.writer.submit(lambda session: purge_answers(session, before), logged=False)
 
     def _spawn(self, coroutine: Any) -> None:
+        """Work that goes on after the response (closing waits for it); its failure is logged."""
         task = asyncio.create_task(coroutine)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            error = task.exception()
+            log.error("background work failed: %s", getattr(error, "message", None) or repr(error))
 
     # -- deciding ---------------------------------------------------------------------------------
 
@@ -666,11 +676,15 @@ class RouterService:
             holds.append(Hold(self._pacing_rule, plan.predicted_usd, charge, force))
         return holds
 
-    def _logging(self, new: NewDecision, holds: list[Hold]) -> Callable[[Any], None]:
+    def _logging(self, new: NewDecision, holds: list[Hold]) -> Callable[[Any], None] | Batched:
+        """The decision's write: batched with the other decisions of its commit, unless it takes holds
+        (several replicas), which must fit the spend rows one decision at a time."""
+        if not holds:
+            return Batched(add_decisions, new)
+
         def write(session: Any) -> None:
-            add_decision(session, new)
-            if holds:
-                take_holds(session, new.record.decision_id, holds, self.replica)
+            add_decisions(session, [new])
+            take_holds(session, new.record.decision_id, holds, self.replica)
         return write
 
     def _plan(self, request: RoutingRequest, record: DecisionRecord, kind: str, cap: float | None, pinned: bool) -> Plan:
@@ -763,11 +777,11 @@ class RouterService:
             return await self._answer_with_mode(routed, request), routed
         backend, result = await self._call(routed, lambda state: state.client.chat(request.body))
         self._record_answer(routed, backend, result.completion_tokens, result.cost_usd, result.latency_ms)
-        await self._finish(routed, Finish(
+        self._spawn(self._finish(routed, Finish(  # not on the response path: feedback on it waits for this write
             "ok", self._failures(routed), backend=backend, prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens, cost_usd=result.cost_usd, latency_ms=result.latency_ms,
             answer=self._kept(answer_text(result.body)),
-        ))
+        )))
         return result.body, routed
 
     def _kept(self, answer: str | None) -> str | None:
@@ -844,11 +858,11 @@ class RouterService:
             if call is not delivered and call.completion_tokens is not None and not self.clustered:
                 self.engine.observe_answer_length(call.backend, call.completion_tokens)
         self._record_answer(routed, delivered.backend, delivered.completion_tokens or 0, routed.cost_usd, latency_ms)
-        await self._finish(routed, Finish(
+        self._spawn(self._finish(routed, Finish(  # not on the response path: feedback on it waits for this write
             "ok", self._failures(routed), backend=delivered.backend, prompt_tokens=delivered.prompt_tokens,
             completion_tokens=delivered.completion_tokens, cost_usd=routed.cost_usd, latency_ms=latency_ms,
             answer=self._kept(delivered.answer), calls=calls,
-        ))
+        )))
         body = dict(delivered.body)
         body["usage"] = _summed_usage(answered)
         return body
@@ -924,9 +938,10 @@ class RouterService:
         self.engine.learn(decision.record, vector, reward, decision.cost_for_learning, decision.latency_ms or 0.0,
                           learners=learners, with_router=with_router)
 
-    async def _wait_until_answered(self, decision_id: str) -> None:
-        """Feedback on a decision still being answered (a stream in progress) waits for its final write,
-        so learning always sees the backend that answered and the real cost."""
+    async def wait_for_final_write(self, decision_id: str) -> None:
+        """Until the decision's final write (outcome, cost, calls) is committed: it follows the answer out.
+        Feedback on a decision waits here, so learning always sees the backend that answered and the real
+        cost (a Conflict after FEEDBACK_WAIT_S, e.g. a stream still in progress)."""
         waiting = self._answering.get(decision_id)
         if waiting is None:
             return
@@ -949,28 +964,16 @@ class RouterService:
             unknown = [b for b in preference if b not in self.pool]
             if unknown:
                 raise BadRequest(f"unknown backends {unknown} in preference; known: {self.pool.names()}")
-        await self._wait_until_answered(decision_id)
+        await self.wait_for_final_write(decision_id)
+        write = Batched(self._record_feedback, NewFeedback(decision_id, tenant, reward, preference, self.replica))
 
-        def write(session: Any) -> tuple[StoredDecision, np.ndarray | None, int, bool]:
-            decision, vector = load_decision(session, decision_id)
-            if decision.tenant != tenant:
-                raise Forbidden(f"decision {decision_id} was made by another key; only that key may give feedback on it")
-            if decision.status in ("error", "rejected"):
-                raise Conflict(f"decision {decision_id} produced no answer ({decision.error}); nothing to reward")
-            if self.clustered and decision.kind == "chat" and decision.status == "routed":
-                raise _StillAnswering()
-            if preference is not None:
-                return (decision, vector, *add_preference(session, decision_id, *preference, replica=self.replica))
-            assert reward is not None
-            return (decision, vector, *add_reward(session, decision_id, reward, replica=self.replica))
-
-        def learn(written: tuple[StoredDecision, np.ndarray | None, int, bool]) -> None:
-            decision, vector, feedback_id, duplicate = written
-            if duplicate:
+        def learn(recorded: RecordedFeedback) -> None:
+            if recorded.duplicate:
                 return
-            if vector is not None:
-                self._apply(decision, vector, reward, preference)
+            if recorded.vector is not None:
+                self._apply(recorded.decision, recorded.vector, reward, preference)
             rewards, preferences = self._learned
+            feedback_id = recorded.feedback_id
             self._learned = (max(rewards, feedback_id), preferences) if preference is None else (rewards, max(preferences, feedback_id))
             self._since_snapshot += 1
 
@@ -978,7 +981,7 @@ class RouterService:
         if self.clustered:
             duplicate = await self._feedback_through_log(decision_id, write)
         else:
-            _, _, _, duplicate = await self.writer.submit(write, learn)
+            duplicate = (await self.writer.submit(write, learn)).duplicate
         if not duplicate:
             self.metrics.rewards.labels(kind).inc()
             if not self.clustered and self._since_snapshot >= self.config.snapshot_every:
@@ -986,14 +989,25 @@ class RouterService:
                 self._spawn(self._snapshot_in_background())
         return FeedbackResult(decision_id, kind, duplicate)
 
-    async def _feedback_through_log(self, decision_id: str, write: Callable[[Any], Any]) -> bool:
+    def _feedback_refusal(self, decision: StoredDecision, feedback: NewFeedback) -> Exception | None:
+        """Why feedback on `decision` is not taken (None: it is): only the key that made a decision may give
+        feedback on it, and only on one that produced an answer."""
+        if decision.tenant != feedback.tenant:
+            return Forbidden(f"decision {feedback.decision_id} was made by another key; only that key may give feedback on it")
+        if decision.status in ("error", "rejected"):
+            return Conflict(f"decision {feedback.decision_id} produced no answer ({decision.error}); nothing to reward")
+        if self.clustered and decision.kind == "chat" and decision.status == "routed":
+            return _StillAnswering()
+        return None
+
+    async def _feedback_through_log(self, decision_id: str, write: Batched) -> bool:
         """Several replicas: write the feedback (waiting while another replica still answers the decision),
         then apply the log up to it. Returns whether it was a duplicate."""
         deadline = time.monotonic() + FEEDBACK_WAIT_S
         pause = 0.02
         while True:
             try:
-                _, _, _, duplicate = await self.writer.submit(write)
+                duplicate = (await self.writer.submit(write)).duplicate
                 break
             except _StillAnswering:
                 if time.monotonic() > deadline:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import heapq
 import logging
@@ -30,7 +31,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, delete, func, select, text, update
+from sqlalchemy import Engine, delete, func, insert, select, text, update
 from sqlmodel import Session
 
 from router.budget import SpendRule
@@ -197,18 +198,53 @@ def _stored(row: DecisionRow) -> StoredDecision:
     return StoredDecision(record, row.tenant, row.status, row.error, row.cost_usd, row.latency_ms, row.kind)
 
 
-def add_decision(session: Session, new: NewDecision) -> None:
-    record = new.record
-    session.add(QueryEmbedding(id=new.memory_id, embedder=new.embedder, dim=len(new.vector), vector=new.vector.astype(np.float32).tobytes()))
-    session.flush()
-    session.add(DecisionRow(
-        id=record.decision_id, kind=new.kind, tenant=new.tenant, requested_model=new.requested_model, query=new.query,
-        prompt_tokens_estimate=record.prompt_tokens, embedding_id=new.memory_id, policy=record.policy,
-        backend=record.chosen, chosen_backend=record.chosen, propensity=record.propensity, scores=record.scores,
-        predicted_cost_usd=record.predicted_cost_usd, max_cost_usd=record.max_cost_usd, over_budget=record.over_budget,
-        decision_ms=new.decision_ms, mode=record.mode, replica=new.replica, seq=_next_seq(session), **record.columns(),
-    ))
-    session.flush()
+@functools.cache
+def _column_defaults(table: type[Any], omit: frozenset[str]) -> dict[str, Callable[[], Any]]:
+    """Each column's default as the ORM model declares it (Core inserts do not apply pydantic defaults)."""
+    return {
+        name: functools.partial(field.get_default, call_default_factory=True)
+        for name, field in table.model_fields.items()
+        if name in table.__table__.columns and name not in omit
+    }
+
+
+def _rows(table: type[Any], values: list[dict[str, Any]], omit: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """Complete column dicts for a Core executemany insert: every column but `omit` (an autoincrement id, a
+    log position given as SQL), defaults filled in."""
+    defaults = _column_defaults(table, omit)
+    return [{name: (row[name] if name in row else default()) for name, default in defaults.items()} for row in values]
+
+
+def _logged_insert(session: Session, table: type[Any]) -> tuple[Any, frozenset[str]]:
+    """An insert of log rows: on PostgreSQL each row takes the next log position, in row order, under the log
+    lock its transaction holds (None on SQLite, one process)."""
+    statement = insert(table.__table__)
+    if is_postgres(session):
+        return statement.values(seq=func.nextval(LOG_SEQUENCE)), frozenset({"seq"})
+    return statement, frozenset()
+
+
+def add_decisions(session: Session, news: list[NewDecision]) -> list[None]:
+    """Log decisions (and their query embeddings) with one executemany insert per table."""
+    embeddings = [
+        {"id": new.memory_id, "embedder": new.embedder, "dim": len(new.vector), "vector": new.vector.astype(np.float32).tobytes()}
+        for new in news
+    ]
+    session.execute(insert(QueryEmbedding.__table__), embeddings)
+    rows = []
+    for new in news:
+        record = new.record
+        rows.append({
+            "id": record.decision_id, "kind": new.kind, "tenant": new.tenant, "requested_model": new.requested_model,
+            "query": new.query, "prompt_tokens_estimate": record.prompt_tokens, "embedding_id": new.memory_id,
+            "policy": record.policy, "backend": record.chosen, "chosen_backend": record.chosen, "propensity": record.propensity,
+            "scores": record.scores, "predicted_cost_usd": record.predicted_cost_usd, "max_cost_usd": record.max_cost_usd,
+            "over_budget": record.over_budget, "decision_ms": new.decision_ms, "mode": record.mode, "replica": new.replica,
+            **record.columns(),
+        })
+    statement, omit = _logged_insert(session, DecisionRow)
+    session.execute(statement, _rows(DecisionRow, rows, omit))
+    return [None] * len(news)
 
 
 def finish_decision(session: Session, decision_id: str, finish: Finish) -> None:
@@ -249,30 +285,97 @@ def load_decision(session: Session, decision_id: str) -> tuple[StoredDecision, n
     return _stored(row[0]), _vector(row[1])
 
 
-def add_reward(session: Session, decision_id: str, reward: float, replica: str | None = None) -> tuple[int, bool]:
-    """Insert the reward once; the same value again is a no-op (True), another value is a conflict."""
-    existing = session.execute(select(Reward).where(Reward.decision_id == decision_id)).scalars().first()
-    if existing is None:
-        row = Reward(decision_id=decision_id, reward=reward, seq=_next_seq(session), replica=replica)
-        session.add(row)
-        session.flush()
-        return int(row.id), False  # type: ignore[arg-type]
-    if abs(existing.reward - reward) > 1e-12:
-        raise Conflict(f"decision {decision_id} already has reward {existing.reward}; rewards are recorded once")
-    return int(existing.id), True  # type: ignore[arg-type]
+@dataclass(frozen=True, slots=True)
+class NewFeedback:
+    """A reward or a preference to record (exactly one of the two), from the key `tenant`."""
+
+    decision_id: str
+    tenant: str | None
+    reward: float | None = None
+    preference: tuple[str, str] | None = None
+    replica: str | None = None
 
 
-def add_preference(session: Session, decision_id: str, winner: str, loser: str, replica: str | None = None) -> tuple[int, bool]:
-    """Insert the preference once; the same pair again is a no-op (True), another pair is a conflict."""
-    existing = session.execute(select(Preference).where(Preference.decision_id == decision_id)).scalars().first()
-    if existing is None:
-        row = Preference(decision_id=decision_id, winner=winner, loser=loser, seq=_next_seq(session), replica=replica)
-        session.add(row)
-        session.flush()
-        return int(row.id), False  # type: ignore[arg-type]
-    if (existing.winner, existing.loser) != (winner, loser):
-        raise Conflict(f"decision {decision_id} already has a preference {existing.winner} > {existing.loser}")
-    return int(existing.id), True  # type: ignore[arg-type]
+@dataclass(frozen=True, slots=True)
+class RecordedFeedback:
+    """Feedback as written: its decision and embedding, its row id (a log position on one process), and
+    whether it was a repeat of feedback already recorded (then nothing was written)."""
+
+    decision: StoredDecision
+    vector: np.ndarray | None
+    feedback_id: int
+    duplicate: bool
+
+
+def record_feedback(
+    session: Session, items: list[NewFeedback], refusal: Callable[[StoredDecision, NewFeedback], Exception | None] | None = None,
+) -> list[RecordedFeedback | Exception]:
+    """Record feedback once per decision, for a whole batch with one read of the decisions, one of their
+    feedback and one executemany insert per kind. Per item: the recorded feedback, or the error that
+    refused it (nothing written for it): an unknown decision, `refusal`'s verdict (who may give feedback,
+    on what), or a conflict with the feedback already recorded (the same value again is a duplicate)."""
+    ids = list(dict.fromkeys(item.decision_id for item in items))
+    found = {
+        row[0].id: (_stored(row[0]), _vector(row[1]))
+        for row in session.execute(
+            select(DecisionRow, QueryEmbedding.vector)
+            .outerjoin(QueryEmbedding, QueryEmbedding.id == DecisionRow.embedding_id)
+            .where(DecisionRow.id.in_(ids))
+        )
+    }
+    rewards: dict[str, tuple[int | None, float]] = {
+        d: (i, r) for i, d, r in session.execute(select(Reward.id, Reward.decision_id, Reward.reward).where(Reward.decision_id.in_(ids)))
+    }
+    preferences: dict[str, tuple[int | None, tuple[str, str]]] = {
+        d: (i, (w, lo)) for i, d, w, lo in session.execute(
+            select(Preference.id, Preference.decision_id, Preference.winner, Preference.loser).where(Preference.decision_id.in_(ids))
+        )
+    }
+    results: list[Any] = [None] * len(items)
+    fresh: dict[str, list[int]] = {"reward": [], "preference": []}  # positions of the items to insert
+    for n, item in enumerate(items):
+        if item.decision_id not in found:
+            results[n] = NotFound(f"unknown decision_id {item.decision_id!r}")
+            continue
+        decision, vector = found[item.decision_id]
+        refused = refusal(decision, item) if refusal is not None else None
+        if refused is not None:
+            results[n] = refused
+            continue
+        kind, recorded, value = (
+            ("reward", rewards, item.reward) if item.preference is None else ("preference", preferences, item.preference)
+        )
+        existing = recorded.get(item.decision_id)
+        if existing is None:
+            recorded[item.decision_id] = (None, value)  # an id once inserted; a repeat later in the batch is a duplicate
+            fresh[kind].append(n)
+            results[n] = RecordedFeedback(decision, vector, 0, False)
+        elif kind == "reward" and abs(existing[1] - value) > 1e-12:
+            results[n] = Conflict(f"decision {item.decision_id} already has reward {existing[1]}; rewards are recorded once")
+        elif kind == "preference" and existing[1] != value:
+            results[n] = Conflict(f"decision {item.decision_id} already has a preference {existing[1][0]} > {existing[1][1]}")
+        else:
+            results[n] = (decision, vector)  # a duplicate: its id is known once the batch's inserts are
+    for kind, table, recorded in (("reward", Reward, rewards), ("preference", Preference, preferences)):
+        if not fresh[kind]:
+            continue
+        values = [
+            {"decision_id": items[n].decision_id, "replica": items[n].replica,
+             **({"reward": items[n].reward} if kind == "reward" else dict(zip(("winner", "loser"), items[n].preference)))}
+            for n in fresh[kind]
+        ]
+        statement, omit = _logged_insert(session, table)
+        inserted = session.execute(
+            statement.returning(table.__table__.c.id, sort_by_parameter_order=True), _rows(table, values, omit | {"id"})
+        ).scalars().all()
+        for n, feedback_id in zip(fresh[kind], inserted, strict=True):
+            results[n] = RecordedFeedback(results[n].decision, results[n].vector, int(feedback_id), False)
+            recorded[items[n].decision_id] = (int(feedback_id), recorded[items[n].decision_id][1])
+    for n, result in enumerate(results):
+        if isinstance(result, tuple):
+            kind_ids = rewards if items[n].preference is None else preferences
+            results[n] = RecordedFeedback(*result, int(kind_ids[items[n].decision_id][0]), True)  # type: ignore[arg-type]
+    return results
 
 
 def write_snapshot(
@@ -472,9 +575,22 @@ def take_rate_token(engine: Engine, name: str, capacity: float, per_second: floa
     return max(0.001, (1.0 - float(tokens or 0.0)) / per_second)
 
 
+Bulk = Callable[[Session, list[Any]], list[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Batched:
+    """A write done together with the other writes of the same `bulk` in its commit: `bulk(session, items)`
+    writes them all (one statement per table rather than one per write) and returns each item's result,
+    or the exception that refused it, having written nothing for a refused item."""
+
+    bulk: Bulk
+    item: Any
+
+
 @dataclass
 class _Job:
-    work: Callable[[Session], Any]
+    work: Callable[[Session], Any] | Batched
     after: Callable[[Any], None] | None
     future: asyncio.Future[Any]
     logged: bool = True  # may write log rows: on PostgreSQL the transaction takes the log lock first
@@ -483,7 +599,9 @@ class _Job:
 class GroupWriter:
     """Durable writes with group commit: the writes that arrive while a commit runs share the next one.
 
-    Each write runs in its own savepoint, so one that fails (unknown id, conflict) fails alone. A caller
+    Each write runs in its own savepoint, so one that fails (unknown id, conflict) fails alone; a run of
+    `Batched` writes of one kind shares a savepoint and its statements (if the run fails as a whole, each
+    of its writes is tried again alone). A caller
     is answered only after the transaction holding its write has committed, and its `after` callback
     (e.g. learning from the reward) runs on the event loop right after that commit, before any other
     coroutine, so state derived from the log never lags what the log acknowledged.
@@ -505,7 +623,7 @@ class GroupWriter:
         self._queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task[None] | None = None
 
-    async def submit(self, work: Callable[[Session], Any], after: Callable[[Any], None] | None = None, logged: bool = True) -> Any:
+    async def submit(self, work: Callable[[Session], Any] | Batched, after: Callable[[Any], None] | None = None, logged: bool = True) -> Any:
         """`logged=False` for writes that add no log rows (snapshots, purges): they do not wait for the log lock."""
         if self._task is None or self._task.done():
             self._queue = asyncio.Queue()
@@ -546,23 +664,51 @@ class GroupWriter:
         outcomes: list[tuple[bool, Any]] = []
         with Session(self.engine, expire_on_commit=False) as session:
             locked = False
-            for job in jobs:
-                if self.postgres and job.logged and not locked:
+            start = 0
+            while start < len(jobs):
+                run = self._run_of(jobs, start)
+                if self.postgres and not locked and any(job.logged for job in run):
                     session.execute(text(f"SELECT pg_advisory_xact_lock({lock_key_sql('log')})"))
                     locked = True
-                try:
-                    with session.begin_nested():
-                        outcomes.append((True, job.work(session)))
-                except Exception as exc:  # noqa: BLE001 - delivered to that job's caller
-                    if database_error(exc) is not None:  # the connection is gone: the whole transaction is
-                        raise
-                    outcomes.append((False, exc))
+                if isinstance(run[0].work, Batched):
+                    outcomes.extend(self._batched(session, run[0].work.bulk, [job.work.item for job in run]))  # type: ignore[union-attr]
+                else:
+                    outcomes.append(self._one(session, lambda s, work=run[0].work: work(s)))  # type: ignore[misc]
+                start += len(run)
             if locked:
                 if self._channel is None:
                     self._channel = log_channel(session.execute(text("SELECT current_schema()")).scalar_one())
                 session.execute(select(func.pg_notify(self._channel, "")))
             session.commit()
         return outcomes
+
+    @staticmethod
+    def _run_of(jobs: list[_Job], start: int) -> list[_Job]:
+        """The job at `start`, with the `Batched` jobs of the same bulk that directly follow it."""
+        work = jobs[start].work
+        end = start + 1
+        if isinstance(work, Batched):
+            while end < len(jobs) and isinstance(jobs[end].work, Batched) and jobs[end].work.bulk is work.bulk:  # type: ignore[union-attr]
+                end += 1
+        return jobs[start:end]
+
+    @staticmethod
+    def _one(session: Session, work: Callable[[Session], Any]) -> tuple[bool, Any]:
+        try:
+            with session.begin_nested():
+                return True, work(session)
+        except Exception as exc:  # noqa: BLE001 - delivered to that job's caller
+            if database_error(exc) is not None:  # the connection is gone: the whole transaction is
+                raise
+            return False, exc
+
+    def _batched(self, session: Session, bulk: Bulk, items: list[Any]) -> list[tuple[bool, Any]]:
+        ok, results = self._one(session, lambda s: bulk(s, items))
+        if not ok:  # the run failed as a whole: each write alone, so only the culprit fails
+            if len(items) == 1:
+                return [(False, results)]
+            return [outcome for item in items for outcome in self._batched(session, bulk, [item])]
+        return [(not isinstance(result, Exception), result) for result in results]
 
     async def close(self) -> None:
         """Finish what was submitted, then stop."""
@@ -582,8 +728,22 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def memory_rows(self, embedder: str, batch: int = 5000) -> Iterator[tuple[np.ndarray, np.ndarray, list[MemoryEntry]]]:
-        """(memory ids, vectors, entries) of every stored query, in batches."""
+    def memory_rows(self, embedder: str, newest: int = 0, batch: int = 5000) -> tuple[int, Iterator[tuple[np.ndarray, np.ndarray, list[MemoryEntry]]]]:
+        """How many stored queries the memory gets (the `newest` ones, 0: all), and (memory ids, vectors,
+        entries) of each, oldest first, in batches."""
+        made = select(DecisionRow.created_at).join(QueryEmbedding, DecisionRow.embedding_id == QueryEmbedding.id).where(
+            QueryEmbedding.embedder == embedder
+        )
+        with self.engine.connect() as connection:
+            total = connection.execute(select(func.count()).select_from(made.subquery())).scalar_one()
+            since = None
+            if newest and total > newest:
+                since = connection.execute(made.order_by(DecisionRow.created_at.desc()).offset(newest - 1).limit(1)).scalar_one()
+                total = connection.execute(select(func.count()).select_from(made.where(DecisionRow.created_at >= since).subquery())).scalar_one()
+        return total, self._memory_batches(embedder, since, batch)
+
+    def _memory_batches(self, embedder: str, since: datetime | None, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray, list[MemoryEntry]]]:
+        """Plain driver rows (no ORM objects, no result processing: a million of them at start), oldest first."""
         query = (
             select(
                 QueryEmbedding.id, QueryEmbedding.vector, DecisionRow.id, DecisionRow.backend, Reward.reward,
@@ -593,18 +753,28 @@ class Store:
             .outerjoin(Reward, Reward.decision_id == DecisionRow.id)
             .outerjoin(Preference, Preference.decision_id == DecisionRow.id)
             .where(QueryEmbedding.embedder == embedder)
-            .order_by(QueryEmbedding.id)
+            .order_by(DecisionRow.created_at, DecisionRow.id)
         )
-        with self.engine.connect() as connection:
-            result = connection.execution_options(yield_per=batch).execute(query)
-            for partition in result.partitions(batch):
-                ids = np.array([row[0] for row in partition], dtype=np.int64)
-                vectors = np.stack([_vector(row[1]) for row in partition])
+        if since is not None:
+            query = query.where(DecisionRow.created_at >= since)
+        compiled = query.compile(self.engine, compile_kwargs={"render_postcompile": True})
+        parameters = compiled.construct_params()
+        raw = self.engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            positional = compiled.positiontup
+            cursor.execute(str(compiled), tuple(parameters[name] for name in positional) if positional else parameters)
+            while rows := cursor.fetchmany(batch):
+                ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+                vectors = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.float32).reshape(len(rows), -1)
                 entries = [
                     MemoryEntry(decision_id, backend, reward, (winner, loser) if winner else None, tokens)
-                    for _, _, decision_id, backend, reward, winner, loser, tokens in partition
+                    for _, _, decision_id, backend, reward, winner, loser, tokens in rows
                 ]
                 yield ids, vectors, entries
+            cursor.close()
+        finally:
+            raw.close()
 
     def feedback_since(self, after_reward_id: int = 0, after_preference_id: int = 0) -> Iterator[StoredFeedback]:
         """Rewards and preferences after the given ids, in the order they were acknowledged."""

@@ -72,3 +72,12 @@ def test_train_quick():
 def test_train_overhead_quick():
     result = json.loads(run_script("train_overhead.py", "--quick").stdout)
     assert result["route_idle"]["n"] == 10 and result["runs"]
+
+
+def test_memory_scale_quick(tmp_path):
+    out = tmp_path / "memory_scale.json"
+    run_script("memory_scale.py", "--quick", "--out", str(out), timeout_s=600)
+    report = json.loads(out.read_text())
+    assert report["route"]["failures"] == 0 and report["route"]["ok"] == 60
+    assert report["recall"]["index"].startswith("ivf"), "the quick run is past the exact-search bound"
+    assert report["recall"]["recall"] >= 0.9 and report["rss_mb"] > 0

@@ -51,6 +51,7 @@ async def test_parallel_asks_every_backend_delivers_the_majority_and_logs_each_c
     assert sum(f.chats for f in fakes.values()) == 3
     assert routed.cost_usd == pytest.approx(sum(c.cost_usd for c in routed.calls))
     assert body["usage"]["completion_tokens"] == 3, "usage counts every call"
+    await service.wait_for_final_write(routed.decision_id)  # written after the answer went out
     rows = _calls(service, routed.decision_id)
     assert [r.role for r in rows] == ["candidate"] * 3 and sum(r.delivered for r in rows) == 1
     assert all(r.answer is None for r in rows), "answers are not stored unless configured"
@@ -91,6 +92,7 @@ async def test_a_mode_streams_the_delivered_answer_and_stores_answers_when_confi
     assert chunks[-1] is None and chunks[0]["choices"][0]["delta"]["content"] == routed.calls[[c.delivered for c in routed.calls].index(True)].answer
     assert chunks[-2]["usage"]["completion_tokens"] == len(routed.calls)
     assert [c.role for c in routed.calls] == ["draft", "refine", "refine"]
+    await service.wait_for_final_write(routed.decision_id)
     rows = _calls(service, routed.decision_id)
     assert all(r.answer and r.answer.startswith("answer from") for r in rows)
     with Session(service.db) as session:

@@ -11,14 +11,28 @@ from policies import Arm
 from router.db import create_db_engine, migrate
 from router.engine import DecisionRecord
 from router.errors import Conflict, NotFound
-from router.store import Finish, GroupWriter, NewDecision, add_decision, add_reward, finish_decision, load_decision
-from router.tables import Reward
+from router.store import (
+    Batched,
+    Finish,
+    GroupWriter,
+    NewDecision,
+    NewFeedback,
+    add_decisions,
+    finish_decision,
+    load_decision,
+    record_feedback,
+)
+from router.tables import DecisionRow, Reward
 
 
 def _decision(i: int) -> NewDecision:
     arms = [Arm("a", 1.0, 2.0, 1e-5), Arm("b", 2.0, 4.0, 2e-5)]
     record = DecisionRecord(f"d{i}", "random", "a", 0.5, 1, arms, [], 0.0, 1.0, shadow={"random": {"a": 0.5, "b": 0.5}})
     return NewDecision(record, "route", None, "auto", "q", 1.0, i + 1, "test", np.full(4, i, dtype=np.float32))
+
+
+def _reward(decision_id: str, reward: float) -> Batched:
+    return Batched(record_feedback, NewFeedback(decision_id, None, reward=reward))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -41,11 +55,11 @@ async def test_concurrent_writes_share_commits_and_fail_alone(engine):
         return original(jobs)
 
     writer._commit = counting
-    await asyncio.gather(*(writer.submit(lambda s, i=i: add_decision(s, _decision(i))) for i in range(200)))
+    await asyncio.gather(*(writer.submit(Batched(add_decisions, _decision(i))) for i in range(200)))
     learned = []
     results = await asyncio.gather(
-        *(writer.submit(lambda s, i=i: add_reward(s, f"d{i}", 0.5), learned.append) for i in range(200)),
-        writer.submit(lambda s: add_reward(s, "d0", 0.9)),  # conflicts with the 0.5 above
+        *(writer.submit(_reward(f"d{i}", 0.5), learned.append) for i in range(200)),
+        writer.submit(_reward("d0", 0.9)),  # conflicts with the 0.5 above
         writer.submit(lambda s: load_decision(s, "missing")),
         return_exceptions=True,
     )
@@ -61,7 +75,7 @@ async def test_concurrent_writes_share_commits_and_fail_alone(engine):
 
 async def test_a_decision_goes_in_as_a_record_and_comes_out_with_the_answering_backend(engine):
     writer = GroupWriter(engine)
-    await writer.submit(lambda s: add_decision(s, _decision(7)))
+    await writer.submit(Batched(add_decisions, _decision(7)))
     stored, vector = await writer.submit(lambda s: load_decision(s, "d7"))
     assert stored.record.chosen == "a" and stored.record.backend is None and not stored.record.failed_over
     assert vector.tolist() == [7.0] * 4
@@ -79,19 +93,19 @@ async def test_a_decision_goes_in_as_a_record_and_comes_out_with_the_answering_b
 async def test_the_writer_survives_a_failing_after_commit_callback(engine):
     """Every job in the batch gets its answer, and later jobs are still written."""
     writer = GroupWriter(engine)
-    await writer.submit(lambda s: add_decision(s, _decision(1)))
+    await writer.submit(Batched(add_decisions, _decision(1)))
 
     def explode(_):
         raise RuntimeError("a learning hook failed")
 
     results = await asyncio.wait_for(asyncio.gather(
-        writer.submit(lambda s: add_reward(s, "d1", 0.5), explode),
-        *(writer.submit(lambda s, i=i: add_decision(s, _decision(i))) for i in range(2, 6)),
+        writer.submit(_reward("d1", 0.5), explode),
+        *(writer.submit(Batched(add_decisions, _decision(i))) for i in range(2, 6)),
         return_exceptions=True,
     ), timeout=10)
-    assert results[0] == (results[0][0], False), "the reward was committed, so it is acknowledged"
+    assert not results[0].duplicate and results[0].feedback_id > 0, "the reward was committed, so it is acknowledged"
     assert all(r is None for r in results[1:])
-    await asyncio.wait_for(writer.submit(lambda s: add_decision(s, _decision(9))), timeout=10)
+    await asyncio.wait_for(writer.submit(Batched(add_decisions, _decision(9))), timeout=10)
     await writer.close()
     with Session(engine) as session:
         assert session.execute(select(func.count()).select_from(Reward)).scalar_one() == 1
@@ -111,11 +125,11 @@ async def test_log_positions_follow_commit_order_across_writers(pg_engine):
     from router.store import Store
 
     writers = [GroupWriter(pg_engine), GroupWriter(pg_engine)]
-    await asyncio.gather(*(writers[i % 2].submit(lambda s, i=i: add_decision(s, _decision(i))) for i in range(40)))
+    await asyncio.gather(*(writers[i % 2].submit(Batched(add_decisions, _decision(i))) for i in range(40)))
     await asyncio.gather(
         *(writers[i % 2].submit(lambda s, i=i: finish_decision(s, f"d{i}", Finish("ok", [], backend="b", cost_usd=1e-5))) for i in range(40)),
     )
-    await asyncio.gather(*(writers[(i + 1) % 2].submit(lambda s, i=i: add_reward(s, f"d{i}", 0.5)) for i in range(40)))
+    await asyncio.gather(*(writers[(i + 1) % 2].submit(_reward(f"d{i}", 0.5)) for i in range(40)))
     for writer in writers:
         await writer.close()
     store, after, seen = Store(pg_engine), 0, []
@@ -152,7 +166,7 @@ async def test_spend_holds_never_pass_a_limit_and_orphans_are_released(pg_engine
     def decide(i: int, holds: list[Hold], replica: str = "r1"):
         def work(session):
             new = _decision(i)
-            add_decision(session, NewDecision(new.record, "chat", "team", "auto", "q", 1.0, i + 1, "test", new.vector, replica))
+            add_decisions(session, [NewDecision(new.record, "chat", "team", "auto", "q", 1.0, i + 1, "test", new.vector, replica)])
             take_holds(session, f"d{i}", holds, replica)
         return work
 
@@ -178,3 +192,31 @@ async def test_spend_holds_never_pass_a_limit_and_orphans_are_released(pg_engine
         row = session.get(DecisionRow, f"d{taken[1]}")
         assert row.status == "error" and row.finish_seq is not None
     await writer.close()
+
+
+async def test_a_batch_of_feedback_is_judged_write_by_write(engine):
+    """One commit's feedback goes in with shared statements, yet each write gets its own verdict: a repeat
+    later in the same batch is a duplicate with the first one's id, another value is a conflict, an
+    unknown decision is not found, and a run whose statement fails is retried write by write."""
+    writer = GroupWriter(engine)
+    await asyncio.gather(*(writer.submit(Batched(add_decisions, _decision(i))) for i in range(3)))
+    results = await asyncio.gather(
+        writer.submit(_reward("d0", 0.5)),
+        writer.submit(_reward("d0", 0.5)),
+        writer.submit(_reward("d0", 0.7)),
+        writer.submit(_reward("nope", 0.5)),
+        writer.submit(Batched(record_feedback, NewFeedback("d1", None, preference=("a", "b")))),
+        writer.submit(Batched(record_feedback, NewFeedback("d1", None, preference=("b", "a")))),
+        return_exceptions=True,
+    )
+    first, again, other, unknown, preferred, contrary = results
+    assert not first.duplicate and again.duplicate and again.feedback_id == first.feedback_id
+    assert isinstance(other, Conflict) and isinstance(unknown, NotFound) and isinstance(contrary, Conflict)
+    assert not preferred.duplicate and preferred.decision.record.decision_id == "d1"
+    # d2 twice in one run: the run's insert fails on the key, so each write is tried alone and only the repeat fails
+    outcomes = await asyncio.gather(*(writer.submit(Batched(add_decisions, _decision(i))) for i in (2, 5)), return_exceptions=True)
+    await writer.close()
+    assert isinstance(outcomes[0], Exception) and outcomes[1] is None
+    with Session(engine) as session:
+        assert session.execute(select(func.count()).select_from(Reward)).scalar_one() == 1
+        assert session.get(DecisionRow, "d5") is not None
