@@ -261,6 +261,9 @@ class Embedder:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # Idle worker threads sleep instead of spinning for more work: between a router's queries the spin
+        # burnt a core (bench/overhead.py: router CPU per /v1/route 19.5 ms with it, see README).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         model_file = str(onnx_file(model_dir, quantize))
         self.session = onnxruntime.InferenceSession(model_file, options, providers=["CPUExecutionProvider"])
         self.dim = int(json.loads((model_dir / "config.json").read_text())["hidden_size"])
