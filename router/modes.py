@@ -157,8 +157,9 @@ def agreement(answers: Sequence[str], vectors: np.ndarray | None) -> list[float]
         return [0.5] * len(answers)
     unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
     similarity = unit @ unit.T
-    n = len(answers)
-    return [float((similarity[i].sum() - similarity[i, i]) / (n - 1)) for i in range(n)]
+    similarity = (similarity + similarity.T) / 2  # the product need not be symmetric bit for bit: two answers tie exactly
+    np.fill_diagonal(similarity, 0.0)
+    return [float(total) / (len(answers) - 1) for total in similarity.sum(axis=1)]
 
 
 def fuse_messages(messages: list[dict[str, Any]], answers: Sequence[str], scores: Sequence[float]) -> list[dict[str, Any]]:

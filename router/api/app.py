@@ -114,9 +114,10 @@ async def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRou
     (await _authenticate(connection)).require("admin")
 
 
-def json_body_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def json_body_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """A body must be JSON (415 otherwise: a form or text/plain body is never guessed at) and not empty.
-    Reads headers only, so it answers before the body is read."""
+    Reads headers only, so it answers before the body is read. Async: litestar runs a sync guard in a
+    worker thread, a thread hop on every request."""
     content_type = (connection.headers.get("content-type") or "").split(";")[0].strip().lower()
     if content_type and content_type != "application/json" and not content_type.endswith("+json"):
         raise UnsupportedMediaType(f"content-type {content_type!r} is not supported: send a JSON body with content-type: application/json")

@@ -44,6 +44,7 @@ from policies import PREDICTED_POLICIES
 from router.config import RouterConfig
 from router.engine import build_engine
 from router.evaluation import aiq, upper_hull
+from router.modes import agreement
 from router.progress import ticking
 from router.replay.data import Dataset, load_answers, output_tokens
 from router.replay.passes import PassResult, TrainFraction, replay_config
@@ -137,12 +138,7 @@ class Scorers:
             if missing:
                 vectors = self.embedder.embed([self.answers[index][m] for m in missing])
                 self._vectors.update({(index, m): v for m, v in zip(missing, vectors)})
-            if len(models) < 2:
-                return [0.5] * len(models)
-            matrix = np.stack([self._vectors[(index, m)] for m in models])
-            similarity = matrix @ matrix.T
-            # rounded: two answers are equally similar to each other, whatever the float sums say (a tie)
-            return [round(float((similarity[i].sum() - similarity[i, i]) / (len(models) - 1)), 6) for i in range(len(models))]
+            return agreement([self.answers[index][m] for m in models], np.stack([self._vectors[(index, m)] for m in models]))
         raise ValueError(f"unknown selector {selector!r}")
 
 

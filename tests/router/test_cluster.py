@@ -162,11 +162,13 @@ async def test_a_budget_holds_across_replicas_under_concurrent_load(tmp_path, pg
     b = await start_replica(replica_config(tmp_path, pg_url, fakes, "r2", budget_auth(limit)), embedder)
     try:
         async def one(i: int) -> str:
+            service = (a, b)[i % 2]
             try:
-                await (a, b)[i % 2].chat(chat_request(f"Hi {i}", model="cheap", max_tokens=1), "team")
+                _, routed = await service.chat(chat_request(f"Hi {i}", model="cheap", max_tokens=1), "team")
             except TooManyRequests as exc:
                 assert exc.type == "insufficient_quota" and "team" in exc.message
                 return "refused"
+            await service.wait_for_final_write(routed.decision_id)  # the settling write follows the answer out
             return "answered"
 
         outcomes = await asyncio.gather(*(one(i) for i in range(30)))

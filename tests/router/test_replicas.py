@@ -429,6 +429,11 @@ def test_kill_9_mid_load_loses_no_acknowledged_reward_and_the_restart_catches_up
                 raise AssertionError(f"reward {i} never acknowledged")
 
             await asyncio.gather(killer(), _concurrently(90, 6, reward))
+            # Rewards may all be acknowledged before the balancer marks the victim down: once it has, every
+            # request (repeats here, answered 200 as duplicates) must reach a live replica.
+            for decision_id, value in list(acked.items())[:12]:
+                response = await http.post(f"{url}/v1/rewards", json={"decision_id": decision_id, "reward": value})
+                after_down.append(response.status_code)
             return decisions
 
     decisions = asyncio.run(run())
