@@ -61,8 +61,9 @@ def clustered_vectors(base: np.ndarray, count: int, seed: int = 0, spread: float
     return origin, vectors.astype(np.float32)
 
 
-def fill(database_url: str, embedder_name: str, base: np.ndarray, count: int) -> float:
-    """Write `count` decisions (a third rewarded) as the router logs them; returns seconds taken."""
+def fill(database_url: str, embedder_name: str, base: np.ndarray, count: int, rewarded_every: int = 3) -> float:
+    """Write `count` decisions `dec_fill1` ... (one in `rewarded_every` rewarded; 0: none) as the router logs
+    them; returns seconds taken."""
     from sqlalchemy import insert
 
     from router.db import create_db_engine, migrate
@@ -90,10 +91,12 @@ def fill(database_url: str, embedder_name: str, base: np.ndarray, count: int) ->
                  "mode": "route"}
                 for i, o in zip(ids, origin.tolist())
             ])
-            connection.execute(insert(Reward.__table__), [
+            rewards = [
                 {"decision_id": f"dec_fill{i}", "reward": float(o % 2), "created_at": epoch + timedelta(seconds=i)}
-                for i, o in zip(ids, origin.tolist()) if i % 3 == 0
-            ])
+                for i, o in zip(ids, origin.tolist()) if rewarded_every and i % rewarded_every == 0
+            ]
+            if rewards:
+                connection.execute(insert(Reward.__table__), rewards)
         print(f"bench: filled {start + size:,} / {count:,} decisions", file=sys.stderr, flush=True)
     engine.dispose()
     return time.perf_counter() - started
@@ -149,7 +152,7 @@ async def route_latencies(url: str, prompts: list[str], total: int) -> dict[str,
 
 
 def serve(config: Path, port: int, log: Path, while_up: Any) -> tuple[float, float | None]:
-    """Start the router on `config`, call `while_up(url)` once it serves, then stop it (SIGTERM: it writes
+    """Start the router on `config`, call `while_up(url, pid)` once it serves, then stop it (SIGTERM: it writes
     a snapshot as it stops). Returns its start-up seconds (process start to /health ok) and its RSS in MB
     after `while_up`."""
     started = time.perf_counter()
@@ -171,7 +174,7 @@ def serve(config: Path, port: int, log: Path, while_up: Any) -> tuple[float, flo
             time.sleep(0.2)
         elapsed = round(time.perf_counter() - started, 2)
         print(f"bench: router serving after {elapsed} s", file=sys.stderr, flush=True)
-        while_up(router)
+        while_up(router, process.pid)
         rss = rss_mb(process.pid)
     finally:
         process.terminate()
@@ -203,9 +206,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         log = workdir / "router.log"
         # The first start has no snapshot: it learns every logged reward, then writes one when stopped.
         # The second start (a router restarting, as usual) restores it and rebuilds the memory: measured.
-        results["first_start_s"], _ = serve(config, port, log, lambda router: None)
+        results["first_start_s"], _ = serve(config, port, log, lambda router, pid: None)
         results["start_s"], results["rss_mb"] = serve(
-            config, port, log, lambda router: results.update(route=asyncio.run(route_latencies(router, prompts, args.requests)))
+            config, port, log, lambda router, pid: results.update(route=asyncio.run(route_latencies(router, prompts, args.requests)))
         )
         results["router_log_memory"] = [line for line in tail(log, 4000).splitlines() if "memory:" in line][-1:]
         for backend in backends:

@@ -81,3 +81,15 @@ def test_memory_scale_quick(tmp_path):
     assert report["route"]["failures"] == 0 and report["route"]["ok"] == 60
     assert report["recall"]["index"].startswith("ivf"), "the quick run is past the exact-search bound"
     assert report["recall"]["recall"] >= 0.9 and report["rss_mb"] > 0
+
+
+def test_profile_quick():
+    output = run_script("profile.py", "--quick").stdout
+    assert "engine.decide" in output and "service.feedback, c=32" in output
+
+
+def test_rewards_quick(tmp_path):
+    out = tmp_path / "rewards.json"
+    run_script("rewards.py", "--quick", "--out", str(out))  # exits 1 on a refused or lost reward
+    report = json.loads(out.read_text())
+    assert report["acknowledged"] > 0 and report["load"]["non_2xx"] == 0
