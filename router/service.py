@@ -254,12 +254,27 @@ class RouterService:
             since = period_start(key.budget_period, datetime.now(UTC))
             self.spend.load(tenant, self.store.tenant_spend(tenant, since))
 
+    def _current(self, snapshots: dict[str, Any]) -> dict[str, Any]:
+        """The snapshots, or none when they were learned under another embedder (the config's `embedder.kind`
+        or `path` changed): their models expect other vectors, so the policies start again (from imported
+        history, then from the feedback on queries this embedder made). Snapshots older than this check
+        name no embedder: the newest logged query's embedder stands for theirs."""
+        router_row = snapshots.get(ROUTER_STATE)
+        if router_row is None:
+            return snapshots
+        learned_with = router_row.state.get("embedder") or self.store.newest_embedder()
+        if learned_with in (None, self.embedder.name):
+            return snapshots
+        log.warning("policy snapshots were learned with embedder %s, this router embeds with %s: policies start again",
+                    learned_with, self.embedder.name)
+        return {}
+
     def _restore_state(self) -> None:
         """Latest snapshots, then every reward and preference acknowledged after them, in order.
 
         A policy with no snapshot (new in the config) learns from the whole log.
         """
-        snapshots = self.store.latest_snapshots()
+        snapshots = self._current(self.store.latest_snapshots())
         start: dict[str, tuple[int, int]] = {}
         for name, policy in self.policies.items():
             row = snapshots.get(name)
@@ -288,7 +303,7 @@ class RouterService:
         """Several replicas: the latest snapshots marked with a log position, then every log event after
         them in position order (decisions, outcomes, rewards, preferences), as a running replica applies
         them; a policy with no such snapshot learns from the whole log."""
-        snapshots = self.store.latest_snapshots(logged=True)
+        snapshots = self._current(self.store.latest_snapshots(logged=True))
         start: dict[str, int] = {}
         for name, policy in self.policies.items():
             row = snapshots.get(name)
@@ -930,7 +945,11 @@ class RouterService:
         learners: set[str] | None = None,
         with_router: bool = True,
     ) -> None:
-        """Teach the engine (all policies, or only `learners`) one logged reward or preference."""
+        """Teach the engine (all policies, or only `learners`) one logged reward or preference. Feedback on a
+        query embedded by another embedder (made before `embedder.kind` or `path` changed) is recorded
+        but teaches nothing: its vector does not fit the policies' models."""
+        if vector.shape[-1] != self.embedder.dim:
+            return
         if preference is not None:
             self.engine.learn_preference(decision.record, vector, *preference, learners=learners)
             return
@@ -1027,7 +1046,7 @@ class RouterService:
         Returns whether it wrote.
         """
         states = {name: policy.snapshot() for name, policy in self.policies.items()}
-        states[ROUTER_STATE] = self.engine.snapshot()
+        states[ROUTER_STATE] = {**self.engine.snapshot(), "embedder": self.embedder.name}  # what the policies learned with
         learned = self._learned
         if self.follower is None:
             return bool(await self.writer.submit(lambda session: write_snapshot(session, states, *learned), logged=False))

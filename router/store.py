@@ -956,6 +956,14 @@ class Store:
                 for row in session.execute(select(Spend).order_by(Spend.scope, Spend.period_start)).scalars()
             ]
 
+    def newest_embedder(self) -> str | None:
+        """The embedder of the newest logged query (None on an empty log)."""
+        with Session(self.engine) as session:
+            return session.execute(
+                select(QueryEmbedding.embedder).join(DecisionRow, DecisionRow.embedding_id == QueryEmbedding.id)
+                .order_by(DecisionRow.created_at.desc()).limit(1)
+            ).scalar()
+
     def latest_snapshots(self, logged: bool = False) -> dict[str, PolicySnapshot]:
         """The newest snapshot of each policy (and of the router); `logged`: only those marked with a log
         position (several replicas restore from the log)."""
