@@ -216,12 +216,12 @@ class RouterService:
         self.follower: LogFollower | None = None
         self._listener: Listener | None = None
         self._cluster_task: asyncio.Task[None] | None = None
-        self._load_memory()
         if self.clustered:
             schema = self.store.schema()
             self._log_channel, self._models_channel = log_channel(schema), models_channel(schema)
             self._restore_from_log()
         else:
+            self._load_memory()
             self._restore_state()
             self._load_spend()
 
@@ -244,8 +244,9 @@ class RouterService:
 
     # -- start-up -------------------------------------------------------------------------------
 
-    def _load_memory(self) -> None:
-        self.memory.load(*self.store.memory_rows(self.embedder.name, newest=self.config.memory.max_entries))
+    def _load_memory(self, up_to_seq: int | None = None) -> None:
+        """The FAISS memory from the logged queries (several replicas: as it stood at log position `up_to_seq`)."""
+        self.memory.load(*self.store.memory_rows(self.embedder.name, newest=self.config.memory.max_entries, up_to_seq=up_to_seq))
         log.info("memory: %d past queries, %s index", len(self.memory), self.memory.index_kind)
         self.metrics.memory_size.set(len(self.memory))
 
@@ -316,6 +317,9 @@ class RouterService:
             self.engine.restore(router_row.state)
         router_start = (router_row.last_seq or 0) if router_row is not None else 0
         applied = min([*start.values(), router_start])
+        # The memory is router state: as of the router's snapshot; the replay adds later queries and their
+        # feedback in log order, as it did on every replica that was running.
+        self._load_memory(up_to_seq=router_start)
         while True:
             events, more = self.store.log_events(applied, 5000)
             for event in events:

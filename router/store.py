@@ -31,7 +31,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, delete, func, insert, select, text, update
+from sqlalchemy import Engine, case, delete, func, insert, select, text, update
 from sqlmodel import Session
 
 from router.budget import SpendRule
@@ -728,35 +728,53 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def memory_rows(self, embedder: str, newest: int = 0, batch: int = 5000) -> tuple[int, Iterator[tuple[np.ndarray, np.ndarray, list[MemoryEntry]]]]:
+    def memory_rows(
+        self, embedder: str, newest: int = 0, up_to_seq: int | None = None, batch: int = 5000,
+    ) -> tuple[int, Iterator[tuple[np.ndarray, np.ndarray, list[MemoryEntry]]]]:
         """How many stored queries the memory gets (the `newest` ones, 0: all), and (memory ids, vectors,
-        entries) of each, oldest first, in batches."""
+        entries) of each, oldest first, in batches.
+
+        `up_to_seq` (several replicas): the memory as it stood at that log position: later decisions, and
+        later feedback and outcomes of earlier ones, are left out (the log replay adds them in order, as
+        every other replica did)."""
         made = select(DecisionRow.created_at).join(QueryEmbedding, DecisionRow.embedding_id == QueryEmbedding.id).where(
             QueryEmbedding.embedder == embedder
         )
+        if up_to_seq is not None:
+            made = made.where(DecisionRow.seq <= up_to_seq)
         with self.engine.connect() as connection:
             total = connection.execute(select(func.count()).select_from(made.subquery())).scalar_one()
             since = None
             if newest and total > newest:
                 since = connection.execute(made.order_by(DecisionRow.created_at.desc()).offset(newest - 1).limit(1)).scalar_one()
                 total = connection.execute(select(func.count()).select_from(made.where(DecisionRow.created_at >= since).subquery())).scalar_one()
-        return total, self._memory_batches(embedder, since, batch)
+        return total, self._memory_batches(embedder, since, up_to_seq, batch)
 
-    def _memory_batches(self, embedder: str, since: datetime | None, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray, list[MemoryEntry]]]:
+    def _memory_batches(
+        self, embedder: str, since: datetime | None, up_to_seq: int | None, batch: int,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, list[MemoryEntry]]]:
         """Plain driver rows (no ORM objects, no result processing: a million of them at start), oldest first."""
+        rewarded, preferred = Reward.decision_id == DecisionRow.id, Preference.decision_id == DecisionRow.id
+        answered = DecisionRow.finish_seq.is_not(None) | DecisionRow.seq.is_(None)  # SQLite keeps no positions
+        if up_to_seq is not None:
+            rewarded, preferred = rewarded & (Reward.seq <= up_to_seq), preferred & (Preference.seq <= up_to_seq)
+            answered = DecisionRow.finish_seq <= up_to_seq
         query = (
             select(
                 QueryEmbedding.id, QueryEmbedding.vector, DecisionRow.id, DecisionRow.backend, Reward.reward,
-                Preference.winner, Preference.loser, DecisionRow.completion_tokens,
+                Preference.winner, Preference.loser, DecisionRow.completion_tokens, DecisionRow.chosen_backend,
+                case((answered, 1), else_=0),
             )
             .join(DecisionRow, DecisionRow.embedding_id == QueryEmbedding.id)
-            .outerjoin(Reward, Reward.decision_id == DecisionRow.id)
-            .outerjoin(Preference, Preference.decision_id == DecisionRow.id)
+            .outerjoin(Reward, rewarded)
+            .outerjoin(Preference, preferred)
             .where(QueryEmbedding.embedder == embedder)
             .order_by(DecisionRow.created_at, DecisionRow.id)
         )
         if since is not None:
             query = query.where(DecisionRow.created_at >= since)
+        if up_to_seq is not None:
+            query = query.where(DecisionRow.seq <= up_to_seq)
         compiled = query.compile(self.engine, compile_kwargs={"render_postcompile": True})
         parameters = compiled.construct_params()
         raw = self.engine.raw_connection()
@@ -768,8 +786,9 @@ class Store:
                 ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
                 vectors = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.float32).reshape(len(rows), -1)
                 entries = [
-                    MemoryEntry(decision_id, backend, reward, (winner, loser) if winner else None, tokens)
-                    for _, _, decision_id, backend, reward, winner, loser, tokens in rows
+                    MemoryEntry(decision_id, backend if done else (chosen or backend), reward,
+                                (winner, loser) if winner else None, tokens if done else None)
+                    for _, _, decision_id, backend, reward, winner, loser, tokens, chosen, done in rows
                 ]
                 yield ids, vectors, entries
             cursor.close()

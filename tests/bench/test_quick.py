@@ -83,8 +83,8 @@ def test_memory_scale_quick(tmp_path):
     assert report["recall"]["recall"] >= 0.9 and report["rss_mb"] > 0
 
 
-def test_profile_quick():
-    output = run_script("profile.py", "--quick").stdout
+def test_breakdown_quick():
+    output = run_script("breakdown.py", "--quick").stdout
     assert "engine.decide" in output and "service.feedback, c=32" in output
 
 

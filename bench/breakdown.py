@@ -1,10 +1,11 @@
-"""Where a routing decision's and a reward's time goes, in-process (no HTTP, no load client).
+"""Where a routing decision's and a reward's time goes, in-process (no HTTP, no load client). Not `profile.py`:
+that name would shadow the standard library's module for every script in bench/.
 
 Run from the repository root (a minute; both embedders when the static one is distilled):
 
-    .venv/bin/python bench/profile.py
-    .venv/bin/python bench/profile.py --quick               # small counts: a smoke run
-    .venv/bin/python bench/profile.py --embedder static
+    .venv/bin/python bench/breakdown.py
+    .venv/bin/python bench/breakdown.py --quick               # small counts: a smoke run
+    .venv/bin/python bench/breakdown.py --embedder static
 
 It builds the service on its embedded defaults (policies, budget) over a temporary SQLite database; the
 backends are never called (`/v1/route` decisions and rewards only). Then it times, as medians of
