@@ -695,10 +695,22 @@ class RouterService:
             holds.append(Hold(self._pacing_rule, plan.predicted_usd, charge, force))
         return holds
 
+    @staticmethod
+    def _alone(bulk: Callable[[Any, list[Any]], list[Any]], item: Any) -> Callable[[Any], Any]:
+        """A bulk write of one item in its own savepoint (several replicas: see `_logging`)."""
+        def write(session: Any) -> Any:
+            result = bulk(session, [item])[0]
+            if isinstance(result, Exception):
+                raise result
+            return result
+        return write
+
     def _logging(self, new: NewDecision, holds: list[Hold]) -> Callable[[Any], None] | Batched:
-        """The decision's write: batched with the other decisions of its commit, unless it takes holds
-        (several replicas), which must fit the spend rows one decision at a time."""
-        if not holds:
+        """The decision's write: batched with the other decisions of its commit in one process. Several
+        replicas write each decision (and each feedback) in its own savepoint: holds must fit the spend rows
+        one decision at a time, and with batched writes a replica started later sometimes ended with other
+        learned state than the running ones (tests/router/test_cluster.py, 1 run in 8; cause not found)."""
+        if not holds and not self.clustered:
             return Batched(add_decisions, new)
 
         def write(session: Any) -> None:
@@ -988,7 +1000,8 @@ class RouterService:
             if unknown:
                 raise BadRequest(f"unknown backends {unknown} in preference; known: {self.pool.names()}")
         await self.wait_for_final_write(decision_id)
-        write = Batched(self._record_feedback, NewFeedback(decision_id, tenant, reward, preference, self.replica))
+        feedback = NewFeedback(decision_id, tenant, reward, preference, self.replica)
+        write = Batched(self._record_feedback, feedback) if not self.clustered else self._alone(self._record_feedback, feedback)
 
         def learn(recorded: RecordedFeedback) -> None:
             if recorded.duplicate:
