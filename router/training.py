@@ -65,9 +65,7 @@ def run_training(config: RouterConfig, trigger: str) -> list[dict[str, Any]]:
             for kind in KINDS
         ]
         if "mf" in config.policy_names:  # RouteLLM's matrix factorisation, trained when the `mf` policy runs
-            from router.predictors.mf import mf_training_run
-
-            runs.append(mf_training_run(db, config, trigger))
+            runs.append(_train_mf(db, config, trigger))
         return runs
     finally:
         db.dispose()
@@ -133,6 +131,25 @@ def _train_scorer(db: Any, config: RouterConfig, store: ArtifactStore, trigger: 
                                                 "(BCE of the scores where none has two)"}
     except Exception as exc:  # a failed run is recorded and logged; the model in use stays
         log.exception("scorer training failed")
+        run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"
+    return _record(db, run, started)
+
+
+def _train_mf(db: Any, config: RouterConfig, trigger: str) -> dict[str, Any]:
+    """RouteLLM's matrix factorisation on every outcome and preference the database holds for the configured
+    backends, promoted on validation (`router.predictors.mf.train_mf_job`: skipped, failed or trained)."""
+    from router.predictors.mf import KIND, MfSettings, train_mf_job
+
+    started = time.perf_counter()
+    run = TrainingRun(kind=KIND, trigger=trigger, status="ok")
+    p = config.predictors
+    settings = MfSettings(validation_fraction=p.validation_fraction, max_samples=p.max_samples, threads=p.threads, seed=config.seed or 0)
+    try:
+        for key, value in train_mf_job(db, p.artifacts_dir, [b.name for b in config.backends], p.min_samples, settings,
+                                       config.embedder).items():
+            setattr(run, key, value)
+    except Exception as exc:  # a failed run is recorded and logged; the model in use stays
+        log.exception("mf training failed")
         run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"
     return _record(db, run, started)
 

@@ -395,32 +395,3 @@ def train_mf_job(db: Any, artifacts_dir: str, backends: list[str], min_samples: 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
-
-
-def mf_training_run(db: Any, config: Any, trigger: str) -> dict[str, Any]:
-    """The scheduled job's MF run (`router.training.run_training`, when the `mf` policy is configured):
-    trains on every outcome and preference the database holds for the configured backends, promotes on
-    validation, and records the run in `training_runs` (kind "mf"; skipped, failed or trained)."""
-    from sqlmodel import Session
-
-    from router.tables import TrainingRun
-
-    started = time.perf_counter()
-    run = TrainingRun(kind=KIND, trigger=trigger, status="ok")
-    p = config.predictors
-    settings = MfSettings(validation_fraction=p.validation_fraction, max_samples=p.max_samples, threads=p.threads, seed=config.seed or 0)
-    try:
-        for key, value in train_mf_job(db, p.artifacts_dir, [b.name for b in config.backends], p.min_samples, settings,
-                                       config.embedder).items():
-            setattr(run, key, value)
-    except Exception as exc:  # a failed run is recorded and logged; the model in use stays
-        log.exception("mf training failed")
-        run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"
-    run.duration_s = time.perf_counter() - started
-    with Session(db) as session:
-        session.add(run)
-        session.commit()
-        session.refresh(run)
-        recorded = run.model_dump(mode="json")
-    log.info("mf training %s: %s", run.status, {k: recorded[k] for k in ("samples_train", "validation_loss", "promoted", "version")})
-    return recorded
