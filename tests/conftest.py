@@ -6,11 +6,14 @@ With CI=true a missing PostgreSQL or vLLM fails the run; elsewhere those tests s
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+ROOT = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 VLLM_PORTS = (18101, 18102)
@@ -148,6 +152,68 @@ class RouterServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+class RouterProcess:
+    """`python -m router.cli serve` as a user runs it, in its own session (SIGKILL to the group leaves nothing
+    behind); its log goes to a file (a pipe could fill up). `env`: variables set on top of this environment,
+    which loses its DATABASE_URL and LLM_ROUTER_* overrides."""
+
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None, name: str = "llm-router") -> None:
+        self.config, self.log, self.name = config, log, name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = env or {}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def launch(self) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith("LLM_ROUTER_")}
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", LLM_ROUTER_LOG_LEVEL="WARNING", **self.env)
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "router.cli", "serve", "--config", str(self.config), "--port", str(self.port)],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+
+    def wait_ready(self, ready: Callable[[Any], bool] = lambda response: response.status_code == 200,
+                   headers: dict[str, str] | None = None, timeout_s: float = 120.0) -> None:
+        """Until `ready(GET /health's response)`; fails at once if the process exits."""
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.tail()}")
+            try:
+                if ready(httpx.get(f"{self.url}/health", headers=headers, timeout=2)):
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"{self.name} not ready after {timeout_s:g}s:\n{self.tail()}")
+
+    def kill9(self) -> None:
+        """SIGKILL to the router's process group, having checked that the pid is still that router."""
+        assert self.process is not None
+        cmdline = Path(f"/proc/{self.process.pid}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[0] == sys.executable.encode() and b"router.cli" in cmdline and b"serve" in cmdline, cmdline
+        assert os.getpgid(self.process.pid) == self.process.pid
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
 
 
 @pytest.fixture

@@ -17,12 +17,7 @@ while others are in flight. After each restart:
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -32,68 +27,26 @@ from sqlalchemy import create_engine, func, select
 from bench.load import load_prompts, reward_for
 from router.db import normalise_url
 from router.tables import PolicySnapshot
-from tests.conftest import free_port
+from tests.conftest import RouterProcess
 from tests.router.test_load import ADMIN, CLIENT, database_rows, headers, learned_counts, router_config
 
 pytestmark = pytest.mark.vllm
 
-ROOT = Path(__file__).resolve().parents[2]
 DECISIONS_PER_CYCLE = 90
 CLIENTS = 8
 KILL_AFTER = (25, 45, 60)  # rewards acknowledged in a cycle before its SIGKILL, one per cycle
 START_TIMEOUT_S = 120.0
 
 
-class Serve:
-    """`python -m router.cli serve` in a new session; its log goes to a file (a pipe could fill up)."""
+class Serve(RouterProcess):
+    """The router under test, ready once both vLLM backends are up."""
 
     def __init__(self, config: Path, log: Path) -> None:
-        self.config, self.log = config, log
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(config, log)
 
     def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith("LLM_ROUTER_")}
-        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", LLM_ROUTER_LOG_LEVEL="WARNING")
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "router.cli", "serve", "--config", str(self.config), "--port", str(self.port)],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"llm-router exited with {self.process.returncode}:\n{self.tail()}")
-            try:
-                body = httpx.get(f"{self.url}/health", headers=headers(), timeout=2).json()
-                if len(body.get("backends_up", [])) == 2:
-                    return
-            except (httpx.HTTPError, ValueError):
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"llm-router not healthy after {START_TIMEOUT_S:g}s:\n{self.tail()}")
-
-    def kill9(self) -> None:
-        assert self.process is not None
-        cmdline = Path(f"/proc/{self.process.pid}/cmdline").read_bytes().split(b"\0")
-        assert cmdline[0] == sys.executable.encode() and b"router.cli" in cmdline and b"serve" in cmdline, cmdline
-        assert os.getpgid(self.process.pid) == self.process.pid
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-    def tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        self.launch()
+        self.wait_ready(lambda response: len(response.json().get("backends_up", [])) == 2, headers(), START_TIMEOUT_S)
 
 
 class Ledger:

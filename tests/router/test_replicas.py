@@ -18,10 +18,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,12 +33,11 @@ from sqlmodel import Session
 
 from router.db import normalise_url
 from router.tables import DecisionRow, Reward, Spend, TrainingRun
-from tests.conftest import PG_URL, backend_table, free_port, unavailable
+from tests.conftest import PG_URL, RouterProcess, backend_table, free_port, unavailable
 from tests.fake_backend import FakeVLLM
 
 pytestmark = pytest.mark.postgres
 
-ROOT = Path(__file__).resolve().parents[2]
 ADMIN, CLIENT = "replicas-admin-key-0123456789", "replicas-client-key-0123456789"
 CALLS = 8  # the client key's budget, in calls
 PRICE_OUT = 100.0  # $ per million output tokens of the one backend; no input price: a 1-token answer costs exactly its worst case
@@ -56,57 +53,11 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-class Replica:
-    """`python -m router.cli serve` in its own session (so SIGKILL to the group leaves nothing), log to a file."""
+class Replica(RouterProcess):
+    """One replica of the cluster: its own name (its replica id), the shared database."""
 
     def __init__(self, name: str, config: Path, database_url: str, log_dir: Path) -> None:
-        self.name, self.config, self.database_url = name, config, database_url
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log_dir / f"{name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def launch(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_ROUTER_")}
-        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", LLM_ROUTER_LOG_LEVEL="WARNING",
-                   DATABASE_URL=self.database_url, LLM_ROUTER_CLUSTER__REPLICA_ID=self.name)
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "router.cli", "serve", "--config", str(self.config), "--port", str(self.port)],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            )
-
-    def wait_ready(self, timeout_s: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise AssertionError(f"replica {self.name} exited with {self.process.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"replica {self.name} not up after {timeout_s:g}s:\n{self.tail()}")
-
-    def kill9(self) -> None:
-        assert self.process is not None
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-    def tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+        super().__init__(config, log_dir / f"{name}.log", {"DATABASE_URL": database_url, "LLM_ROUTER_CLUSTER__REPLICA_ID": name}, name)
 
     def stats(self) -> dict[str, Any]:
         response = httpx.get(f"{self.url}/v1/policies/stats", headers=auth(ADMIN), timeout=30)
