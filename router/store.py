@@ -673,7 +673,7 @@ class GroupWriter:
                 if isinstance(run[0].work, Batched):
                     outcomes.extend(self._batched(session, run[0].work.bulk, [job.work.item for job in run]))  # type: ignore[union-attr]
                 else:
-                    outcomes.append(self._one(session, lambda s, work=run[0].work: work(s)))  # type: ignore[misc]
+                    outcomes.append(self._one(session, run[0].work))  # type: ignore[arg-type]
                 start += len(run)
             if locked:
                 if self._channel is None:
