@@ -172,15 +172,23 @@ class PairRows:
 Rows = TypeVar("Rows", ForcRows, PairRows)
 
 
-def split_by_time(rows: Rows, validation_fraction: float, max_samples: int | None) -> tuple[Rows, Rows]:
-    """(train, validation): the latest `validation_fraction` of the (latest `max_samples`) prompts validate."""
-    order = sorted(range(len(rows.texts)), key=rows.times.__getitem__)
+def latest_validate(times: Sequence[float], validation_fraction: float, max_samples: int | None,
+                    what: str = "prompts") -> tuple[list[int], list[int]]:
+    """Positions (train, validation) of prompts at `times`: the latest `validation_fraction` of the (latest
+    `max_samples`) prompts validate. One rule for every predictor kind."""
+    order = sorted(range(len(times)), key=times.__getitem__)
     if max_samples is not None:
         order = order[-max_samples:]
     validation = max(1, round(len(order) * validation_fraction))
     if len(order) - validation < 1:
-        raise ValueError(f"{len(order)} prompts are too few to train and validate on")
-    return rows.subset(order[:-validation]), rows.subset(order[-validation:])
+        raise ValueError(f"{len(order)} {what} are too few to train and validate on")
+    return order[:-validation], order[-validation:]
+
+
+def split_by_time(rows: Rows, validation_fraction: float, max_samples: int | None) -> tuple[Rows, Rows]:
+    """(train, validation) rows by `latest_validate`."""
+    train, validation = latest_validate(rows.times, validation_fraction, max_samples)
+    return rows.subset(train), rows.subset(validation)
 
 
 def outcomes_from_jsonl(path: str | Path, prompts: int | None = None, seed: int = 0) -> list[Outcome]:

@@ -39,6 +39,7 @@ from pydantic import Field
 
 from router.config import EmbedderConfig
 from router.predictors.artifacts import METADATA_FILE, ArtifactStore, Version
+from router.predictors.data import latest_validate
 from router.predictors.models import StrictModel
 from router.predictors.training import Promotion, SampleCounts
 
@@ -203,13 +204,8 @@ def _loss(logits: Any, data: _Tensors, pairwise_weight: float) -> Any:
 
 
 def _split(samples: Sequence[MfSample], fraction: float, max_samples: int | None) -> tuple[list[MfSample], list[MfSample]]:
-    ordered = sorted(samples, key=lambda s: s.observed_at)
-    if max_samples is not None:
-        ordered = ordered[-max_samples:]
-    validation = max(1, round(len(ordered) * fraction))
-    if len(ordered) - validation < 1:
-        raise ValueError(f"{len(ordered)} prompts are too few to train and validate on")
-    return ordered[:-validation], ordered[-validation:]
+    train, validation = latest_validate([s.observed_at for s in samples], fraction, max_samples)
+    return [samples[i] for i in train], [samples[i] for i in validation]
 
 
 # --- training --------------------------------------------------------------------------------------------

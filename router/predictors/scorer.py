@@ -41,6 +41,7 @@ from safetensors.torch import load_model, save_model
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from router.embedding import packaged_minilm_path
+from router.predictors.data import latest_validate
 from router.predictors.models import ENCODER_DIR, PREDICTOR_FILE, WEIGHTS_FILE, StrictModel
 from router.predictors.training import (
     Promotion,
@@ -280,13 +281,8 @@ def group_samples(samples: Sequence[AnswerSample]) -> list[Group]:
 
 def split_groups(groups: list[Group], validation_fraction: float, max_samples: int | None) -> tuple[list[Group], list[Group]]:
     """(train, validation) by time, as FORC's split: the latest prompts validate."""
-    order = sorted(groups, key=lambda group: group.at)
-    if max_samples is not None:
-        order = order[-max_samples:]
-    validation = max(1, round(len(order) * validation_fraction))
-    if len(order) - validation < 1:
-        raise ValueError(f"{len(order)} prompts with answers are too few to train and validate on")
-    return order[:-validation], order[-validation:]
+    train, validation = latest_validate([group.at for group in groups], validation_fraction, max_samples, "prompts with answers")
+    return [groups[i] for i in train], [groups[i] for i in validation]
 
 
 def ranking_loss(scores: torch.Tensor, qualities: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
