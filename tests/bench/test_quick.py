@@ -88,8 +88,10 @@ def test_breakdown_quick():
     assert "engine.decide" in output and "service.feedback, c=32" in output
 
 
-def test_rewards_quick(tmp_path):
-    out = tmp_path / "rewards.json"
-    run_script("rewards.py", "--quick", "--out", str(out))  # exits 1 on a refused or lost reward
+def test_throughput_quick(tmp_path):
+    out = tmp_path / "throughput.json"
+    run_script("throughput.py", "--quick", "--out", str(out))  # exits 1 on a refused, lost or uncounted request
     report = json.loads(out.read_text())
-    assert report["acknowledged"] > 0 and report["load"]["non_2xx"] == 0
+    for endpoint in ("route", "rewards"):
+        load = report["endpoints"][endpoint]
+        assert load["requests"] > 0 and load["non_2xx"] == 0 and load["consistent"], (endpoint, load)
