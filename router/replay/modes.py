@@ -345,6 +345,27 @@ def cascade_pass(dataset: Dataset, seed: int, chain: Sequence[str], scores: dict
     )
 
 
+def stop_signal(dataset: Dataset, prompts: Sequence[int], chain: Sequence[str], scores: dict[int, list[float]]) -> dict[str, Any]:
+    """How well the first answer's score tells when to stop, on `prompts`: the AUC of that score for "the first
+    answer is at least as good as the last backend's" (0.5: no better than chance), and the threshold sweep a
+    perfect absolute scorer would reach (each answer scored by its recorded quality): the bound on what a
+    better scorer can buy a cascade that sees only the answers it has paid for."""
+    first = np.array([scores[i][0] for i in prompts])
+    qualities = np.array([[dataset.prompts[i].outcomes[m].quality for m in chain] for i in prompts])
+    return {"auc_first_at_least_last": auc(first, qualities[:, 0] >= qualities[:, -1]),
+            "perfect_scorer_sweep": cascade_curve(dataset, prompts, chain, {i: q.tolist() for i, q in zip(prompts, qualities)})}
+
+
+def auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve (the probability that a positive outscores a negative, ties half); None
+    without both classes."""
+    wins, negatives = scores[positive], scores[~positive]
+    if not len(wins) or not len(negatives):
+        return None
+    above = (wins[:, None] > negatives[None, :]).sum() + 0.5 * (wins[:, None] == negatives[None, :]).sum()
+    return float(above / (len(wins) * len(negatives)))
+
+
 # -- the evaluation -----------------------------------------------------------------------------------
 
 
@@ -456,7 +477,8 @@ class ModeEvaluation:
             runs.append(cascade_pass(self.dataset, seed, chain, scores, chosen, split))
             learned.append({"seed": seed, "frontier": on_frontier, "chain": chain, "threshold": chosen,
                             "calibration_prompts": len(calibration), "chains": ranked,
-                            "threshold_sweep": cascade_curve(self.dataset, routed, chain, scores)})
+                            "threshold_sweep": cascade_curve(self.dataset, routed, chain, scores),
+                            "stop_signal": stop_signal(self.dataset, routed, chain, scores)})
         return runs, learned
 
 
@@ -507,6 +529,10 @@ def mode_report(evaluation: ModeEvaluation, policy: str, budget_usd: float | Non
     if learned is not None:
         result["cascade"] = learned
         result["threshold_sweep"] = _mean_sweep([seed["threshold_sweep"] for seed in learned])
+        signals = [seed["stop_signal"] for seed in learned]
+        found = [s["auc_first_at_least_last"] for s in signals if s["auc_first_at_least_last"] is not None]
+        result["stop_signal"] = {"auc_first_at_least_last": float(np.mean(found)) if found else None,
+                                 "perfect_scorer_sweep": _mean_sweep([s["perfect_scorer_sweep"] for s in signals])}
     points: list[tuple[float, float]] = []
     if budgets:
         result["budget_sweep"] = []
@@ -553,6 +579,11 @@ def plot_mode(report: dict[str, Any], out: Path) -> Path | None:
         hull = upper_hull(points)
         line = axis.plot([x for x, _ in hull], [y for _, y in hull], label=f"{label}, AIQ {report.get('aiq', float('nan')):.3f}")
         axis.scatter([x for x, _ in points], [y for _, y in points], s=10, color=line[0].get_color())
+    bound = (report.get("stop_signal") or {}).get("perfect_scorer_sweep")
+    if bound:
+        hull = upper_hull([(p["mean_cost_usd"], p["mean_quality"]) for p in bound])
+        axis.plot([x for x, _ in hull], [y for _, y in hull], linestyle="--", color="green",
+                  label="the same cascade with a perfect absolute scorer (bound)")
     axis.scatter([report["mean_cost_usd"]], [report["mean_quality"]], marker="*", s=120, color="red", label=f"{label}, main point")
     singles = report["single_models"]["models"]
     hull = upper_hull([(m["cost_usd"], m["quality"]) for m in singles.values()])

@@ -15,7 +15,7 @@ from router.cli import main
 from router.config import default_config_text, load_config
 from router.predictors import build_tiny_backbone
 from router.replay.data import DatasetError, load_answers, load_dataset
-from router.replay.modes import Scorers, cascade_one, chains, frontier, parallel_pass
+from router.replay.modes import Scorers, auc, cascade_one, chains, frontier, parallel_pass, stop_signal
 
 COST = {"cheap": 1e-5, "mid": 3e-5, "dear": 1e-4}
 
@@ -87,6 +87,19 @@ def test_the_cascade_stops_at_the_first_answer_scored_high_and_pays_every_call(t
     assert never.calls == 3 and never.cost == pytest.approx(sum(COST.values()))
 
 
+def test_the_stop_signal_says_how_well_the_first_score_tells_when_to_stop(tmp_path):
+    dataset = load_dataset(_write(tmp_path))
+    prompts = list(range(80))  # cheap is at least as good as dear (0.9 vs 0.7) on the even prompts only
+    telling = stop_signal(dataset, prompts, ["cheap", "dear"], {i: [1.0 - i % 2, 0.5] for i in prompts})
+    backwards = stop_signal(dataset, prompts, ["cheap", "dear"], {i: [float(i % 2), 0.5] for i in prompts})
+    blind = stop_signal(dataset, prompts, ["cheap", "dear"], {i: [0.5, 0.5] for i in prompts})
+    assert (telling["auc_first_at_least_last"], backwards["auc_first_at_least_last"], blind["auc_first_at_least_last"]) == (1.0, 0.0, 0.5)
+    # the bound: scored by its recorded quality, the cascade stops on the even prompts and escalates on the odd
+    at_half = next(p for p in telling["perfect_scorer_sweep"] if p["threshold"] == 0.5)
+    assert at_half["mean_quality"] == pytest.approx(0.8) and at_half["calls_per_prompt"] == 1.5
+    assert auc(np.array([0.3, 0.2]), np.array([True, True])) is None
+
+
 @pytest.mark.parametrize("k", [2, 3])
 def test_parallel_calls_k_backends_pays_them_all_and_delivers_the_top_score(k, tmp_path):
     path = _write(tmp_path)
@@ -132,6 +145,7 @@ def test_replay_cli_cascade_trains_the_scorer_on_history_and_reports_the_mode(tm
     assert {"scorer", "agreement", "length"} <= set(report["selectors"]) and "note" in report["selectors"]["agreement"]
     assert [p["budget_usd"] for p in report["budget_sweep"]] == [3e-5, 6e-5, 1.2e-4] and 0 < report["aiq"] <= 1
     assert report["aiq_from"] == "budget_sweep" and len(report["threshold_sweep"]) == 22
+    assert 0 <= report["stop_signal"]["auc_first_at_least_last"] <= 1 and len(report["stop_signal"]["perfect_scorer_sweep"]) == 22
     # the claim: the trained scorer stops at the cheap answer when it is good, so the cascade beats the
     # dear model alone on quality at a lower cost (cheap 0.9 on half the prompts, dear 0.7)
     dear = report["single_models"]["models"]["dear"]
