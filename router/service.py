@@ -144,7 +144,6 @@ class Routed:
     cost_usd: float | None = None  # the answer's real cost (every call's), once known
     calls: list[Call] = field(default_factory=list)  # an answer-aware mode's calls
     rules: list[SpendRule] = field(default_factory=list)  # several replicas: the spend rows its call holds money on
-    logged: asyncio.Future[None] | None = None  # the decision's write, when the caller asked to overlap it (`decide`)
 
     @property
     def decision_id(self) -> str:
@@ -594,14 +593,9 @@ class RouterService:
             return None
         return await self._predict_batcher.one(query)
 
-    async def decide(self, request: RoutingRequest, kind: str, tenant: str | None, log_later: bool = False) -> Routed:
+    async def decide(self, request: RoutingRequest, kind: str, tenant: str | None) -> Routed:
         """Decide and log. The caller's spending limit is read and the worst case reserved in one step
         of the event loop (after the embedding await), so concurrent requests cannot overshoot it.
-
-        `log_later` (one process, database reachable): return before the decision's write commits, with
-        the write in `routed.logged`; the caller awaits it (`_logged`) before it answers, so the backend
-        call overlaps the commit and nothing is answered unlogged. The price: a write that fails after the
-        call was sent wastes that call (once an outage is known, decisions are logged first again).
 
         Several replicas: the limit and the pacing headroom are read from the database, and the write
         that logs the decision also takes its holds with conditional updates; when another replica took
@@ -647,13 +641,17 @@ class RouterService:
                               self.embedder.name, vector, self.replica)
             if kind == "chat":
                 self._answering[decision_id] = asyncio.get_running_loop().create_future()
-            if log_later and not self.clustered and self._outage is None:  # in an outage: no backend call before the write
-                routed.logged = asyncio.ensure_future(self._log(new, holds, tenant))
-                break
             try:
-                await self._log(new, holds, tenant)
+                await self.writer.submit(self._logging(new, holds))
             except HoldRefused:  # another replica took the room first: decide again with what is left
+                self.engine.forget(decision_id)
+                self._answered(decision_id)
                 continue
+            except BaseException:  # not logged, so not remembered either (and not counted against the tenant)
+                self.engine.forget(decision_id)
+                self.spend.settle(tenant, decision_id, 0.0)
+                self._answered(decision_id)
+                raise
             break
         else:
             raise (limit.refuse(record.worst_case_usd) if limit is not None else ServiceUnavailable(
@@ -665,27 +663,6 @@ class RouterService:
         self.metrics.decisions.labels(record.policy, record.chosen, kind).inc()
         self.metrics.decision_seconds.observe(time.perf_counter() - started)
         return routed
-
-    async def _log(self, new: NewDecision, holds: list[Any], tenant: str | None) -> None:
-        """The decision's write. One that fails leaves nothing behind: not remembered, not counted."""
-        decision_id = new.record.decision_id
-        try:
-            await self.writer.submit(self._logging(new, holds))
-        except HoldRefused:  # another replica took the room first
-            self.engine.forget(decision_id)
-            self._answered(decision_id)
-            raise
-        except BaseException:  # not logged, so not remembered either (and not counted against the tenant)
-            self.engine.forget(decision_id)
-            self.spend.settle(tenant, decision_id, 0.0)
-            self._answered(decision_id)
-            raise
-
-    @staticmethod
-    async def _logged(routed: Routed) -> None:
-        """Wait for a `log_later` decision's write (shielded: a caller that goes away does not cancel it)."""
-        if routed.logged is not None:
-            await asyncio.shield(routed.logged)
 
     async def _room(self, tenant: str | None) -> tuple[SpendLimit | None, float | None]:
         """The tenant's spending limit, and the pacing headroom to use instead of the engine's own (None:
@@ -785,7 +762,6 @@ class RouterService:
                 settle_holds(session, routed.decision_id, charges)
 
         try:
-            await self._logged(routed)  # after the decision's own write, when that was overlapped
             if not self.clustered:
                 self.spend.settle(routed.tenant, routed.decision_id, finish.cost_usd or 0.0)
             await self.writer.submit(write)
@@ -827,14 +803,10 @@ class RouterService:
 
     async def chat(self, request: RoutingRequest, tenant: str | None = None) -> tuple[dict[str, Any], Routed]:
         """A routed completion: the backend's response body (as it sent it) and the decision."""
-        routed = await self.decide(request, "chat", tenant, log_later=True)
+        routed = await self.decide(request, "chat", tenant)
         if routed.plan.mode != ROUTE:
-            await self._logged(routed)
             return await self._answer_with_mode(routed, request), routed
-        try:
-            backend, result = await self._call(routed, lambda state: state.client.chat(request.body))
-        finally:
-            await self._logged(routed)  # the call overlapped the decision's commit; no answer goes out before it
+        backend, result = await self._call(routed, lambda state: state.client.chat(request.body))
         self._record_answer(routed, backend, result.completion_tokens, result.cost_usd, result.latency_ms)
         self._spawn(self._finish(routed, Finish(  # not on the response path: feedback on it waits for this write
             "ok", self._failures(routed), backend=backend, prompt_tokens=result.prompt_tokens,
