@@ -118,3 +118,24 @@ async def test_a_policy_that_fails_to_learn_stops_nothing_also_at_restart(tmp_pa
     assert restarted["policies"]["qlearning"]["learn_errors"] == 3
     assert sum(a["feedback"] for a in restarted["policies"]["thompson"]["arms"].values()) == 3
     await again.close()
+
+
+async def test_a_chat_whose_decision_cannot_be_logged_calls_no_backend(tmp_path, sqlite_url, embedder, fakes):
+    """The decision is logged before any backend is called: a write that fails fails the request before
+    money is spent, and the decision is neither remembered nor counted."""
+    service = _service(tmp_path, sqlite_url, embedder, fakes, 'policies = ["random"]\ndefault_policy = "random"\n')
+    with service.db.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE decisions RENAME TO decisions_away")
+    remembered = len(service.memory)
+    with pytest.raises(Exception, match="decisions"):
+        await service.chat(chat_request("Say hi.", max_tokens=4))
+    assert len(service.memory) == remembered and fakes["up"].chats + fakes["down"].chats == 0
+    assert service.engine.pacer.stats()["in_flight_usd"] == 0
+    with service.db.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE decisions_away RENAME TO decisions")
+    body, routed = await service.chat(chat_request("Say hi.", max_tokens=4))
+    assert body["choices"][0]["message"]["content"] == "hi"
+    await service.wait_for_final_write(routed.decision_id)
+    with Session(service.db) as session:
+        assert session.get(DecisionRow, routed.decision_id).status == "ok"
+    await service.close()
