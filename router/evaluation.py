@@ -7,6 +7,8 @@
   the sweep gives points (share of calls to the strong model, PGR), joined by straight lines from (0, 0)
   to (1, 1) (all weak, all strong); APGR is the area under that curve over shares [0, 1]; CPT(x) is the
   smallest share of strong calls at which the curve reaches PGR x.
+- AUC: the area under the ROC curve of a score for a yes/no outcome (how well a cascade's first score
+  tells when to stop).
 """
 
 from __future__ import annotations
@@ -72,3 +74,13 @@ def cpt(target_pgr: float, shares: Sequence[float], qualities: Sequence[float], 
                 return float(xs[i - 1] if ys[i - 1] >= target_pgr else xs[i])
             return float(xs[i - 1] + (target_pgr - ys[i - 1]) * (xs[i] - xs[i - 1]) / (ys[i] - ys[i - 1]))
     return 1.0
+
+
+def auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve (the probability that a positive outscores a negative, ties half); None
+    without both classes."""
+    wins, negatives = scores[positive], scores[~positive]
+    if not len(wins) or not len(negatives):
+        return None
+    above = (wins[:, None] > negatives[None, :]).sum() + 0.5 * (wins[:, None] == negatives[None, :]).sum()
+    return float(above / (len(wins) * len(negatives)))

@@ -43,7 +43,7 @@ import numpy as np
 from policies import PREDICTED_POLICIES
 from router.config import RouterConfig
 from router.engine import build_engine
-from router.evaluation import aiq, upper_hull
+from router.evaluation import aiq, auc, upper_hull
 from router.modes import agreement
 from router.progress import ticking
 from router.replay.data import Dataset, load_answers, output_tokens
@@ -354,16 +354,6 @@ def stop_signal(dataset: Dataset, prompts: Sequence[int], chain: Sequence[str], 
     qualities = np.array([[dataset.prompts[i].outcomes[m].quality for m in chain] for i in prompts])
     return {"auc_first_at_least_last": auc(first, qualities[:, 0] >= qualities[:, -1]),
             "perfect_scorer_sweep": cascade_curve(dataset, prompts, chain, {i: q.tolist() for i, q in zip(prompts, qualities)})}
-
-
-def auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
-    """Area under the ROC curve (the probability that a positive outscores a negative, ties half); None
-    without both classes."""
-    wins, negatives = scores[positive], scores[~positive]
-    if not len(wins) or not len(negatives):
-        return None
-    above = (wins[:, None] > negatives[None, :]).sum() + 0.5 * (wins[:, None] == negatives[None, :]).sum()
-    return float(above / (len(wins) * len(negatives)))
 
 
 # -- the evaluation -----------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """AIQ, APGR and CPT on small cases checked by hand."""
 
+import numpy as np
 import pytest
 
-from router.evaluation import aiq, apgr, cpt, upper_hull
+from router.evaluation import aiq, apgr, auc, cpt, upper_hull
 
 
 def test_hull_drops_dominated_and_concave_points():
@@ -32,3 +33,8 @@ def test_apgr_and_cpt_hand_checked():
     assert cpt(0.8, shares, qualities, weak, strong) == pytest.approx(0.6)
     # a random router (PGR equal to the share) has APGR 0.5
     assert apgr([0.25, 0.5, 0.75], [0.5, 0.6, 0.7], weak, strong) == pytest.approx(0.5)
+
+
+def test_auc_is_the_chance_a_positive_outscores_a_negative():
+    assert auc(np.array([0.9, 0.1, 0.5, 0.5]), np.array([True, False, True, False])) == 0.875  # 3 wins and a tie of 4 pairs
+    assert auc(np.array([0.3, 0.2]), np.array([True, True])) is None
