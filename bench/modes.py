@@ -9,7 +9,8 @@ measured. It builds the service in process (the real embedder, SQLite in a temp 
 at two prices) and sends each prompt through every mode, plain and streamed: latency is the whole
 answer, time to first token is the first streamed event (a mode that must see whole answers streams
 the delivered one once chosen, so its first token comes at the end). No answer scorer is trained here,
-so selection is by agreement and a cascade stops after its first answer. Prints one table and writes
+so selection is by agreement and a cascade judged by the scorer stops after its first answer;
+`cascade-verify` is judged by self-verification instead. Prints one table and writes
 the figures to `--out` (default var/bench/modes.json).
 """
 
@@ -34,7 +35,10 @@ from router.api.protocol import ChatCompletionRequest  # noqa: E402
 from router.config import load_config  # noqa: E402
 from router.service import RouterService  # noqa: E402
 
-MODES = ("route", "cascade", "parallel", "fuse", "refine", "s2p")
+# (label, the request's router options): the cascade twice, judged by the scorer (none is trained here, so
+# it stops after its first answer) and by self-verification (one more call per answer but the last)
+MODES = (*((m, {"mode": m}) for m in ("route", "cascade", "parallel", "fuse", "refine", "s2p")),
+         ("cascade-verify", {"mode": "cascade", "judge": "verify"}))
 PRICES = ((0.05, 0.10), (0.50, 1.50))
 
 
@@ -63,10 +67,10 @@ def _config(workdir: Path, urls: list[str]) -> Path:
 
 async def _measure(service: RouterService, prompts: list[str], max_tokens: int) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
-    for mode in MODES:
+    for mode, options in MODES:
         latencies, firsts, calls, costs = [], [], [], []
         for prompt in prompts:
-            body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "router": {"mode": mode}}
+            body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "router": options}
             request = routing_request(ChatCompletionRequest.model_validate(body), service.config.limits)
             started = time.perf_counter()
             _, routed = await service.chat(request)
@@ -123,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if launcher is not None:
                 launcher.stop()
-    print(f"{'mode':10} {'latency p50 (ms)':>17} {'TTFT p50 (ms)':>14} {'calls/prompt':>13} {'mean cost (USD)':>16}")
+    print(f"{'mode':14} {'latency p50 (ms)':>17} {'TTFT p50 (ms)':>14} {'calls/prompt':>13} {'mean cost (USD)':>16}")
     for mode, row in results.items():
-        print(f"{mode:10} {row['latency_p50_ms']:>17} {row['ttft_p50_ms']:>14} {row['calls_per_prompt']:>13} {row['mean_cost_usd']:>16.3g}")
+        print(f"{mode:14} {row['latency_p50_ms']:>17} {row['ttft_p50_ms']:>14} {row['calls_per_prompt']:>13} {row['mean_cost_usd']:>16.3g}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"prompts": len(prompts), "max_tokens": args.max_tokens, "modes": results}, indent=2))

@@ -214,6 +214,10 @@ def replay_command(args: argparse.Namespace) -> int:
     if args.k is not None and (args.mode != "parallel" or args.k < 2):
         print("llm-router: --k (at least 2) goes with --mode parallel", file=sys.stderr)
         return 2
+    if args.mode == "cascade" and config.modes.cascade_judge == "verify":
+        print("llm-router: a cascade judged by verification (modes.cascade_judge = \"verify\") asks the backends new "
+              "questions, which recorded answers cannot replay; measure it on real backends (bench/modes.py)", file=sys.stderr)
+        return 2
     if args.mode == "cascade" and not with_history:
         print("llm-router: --mode cascade needs --train-fraction: its order and its scorer come from the history part", file=sys.stderr)
         return 2

@@ -255,6 +255,7 @@ class LimitsConfig(_Strict):
 
 MODES = ("route", "cascade", "parallel", "fuse", "refine", "s2p")
 Mode = Literal["route", "cascade", "parallel", "fuse", "refine", "s2p"]
+Judge = Literal["scorer", "verify"]
 
 
 class AnswersConfig(_Strict):
@@ -270,6 +271,10 @@ class ModesConfig(_Strict):
     default: Mode = Field(default="route", description="Mode of a request that names none.")
     cascade_threshold: float = Field(
         default=0.5, ge=0, le=1, description="A cascade stops at the first answer scored at least this (lambda raises it)."
+    )
+    cascade_judge: Judge = Field(
+        default="scorer", description="What scores a cascade's answers: the trained answer scorer (none trained: stop after the "
+        "first answer), or verify (AutoMix: the backend that answered is asked whether it is right; one more call each).",
     )
     cascade_max_calls: int = Field(default=3, ge=1, le=16)
     parallel_k: int = Field(default=2, ge=2, le=16, description="Backends asked at once by parallel, fuse and s2p.")

@@ -12,7 +12,10 @@
 Scores come from the trained answer scorer when there is one; without it, selection is by agreement
 (a strict majority on the final number when every answer ends in one, else the answer closest on
 average to the others by embedding similarity), and a cascade, which needs an absolute score, stops
-after its first answer.
+after its first answer. A cascade can judge by self-verification instead (`judge = "verify"`, AutoMix):
+the backend that answered is asked whether its answer is correct (one more call, one output token), and
+its probability of "Yes" is the score; no training needed. The cascade then delivers the first answer
+that passes, else the last one.
 
 Nothing here does I/O: the service passes in how to call a backend, how to score and how to embed.
 """
@@ -33,6 +36,7 @@ from router.config import ModesConfig
 from router.engine import DecisionRecord
 
 ROUTE = "route"
+VERIFY = "verify"  # a cascade's self-verification: the judge and the role of its calls
 
 
 @dataclass
@@ -40,7 +44,7 @@ class Call:
     """One backend call of a decision, as logged (`decision_calls`) and listed in the response."""
 
     position: int
-    role: str  # answer | draft | candidate | refine | fuse
+    role: str  # answer | draft | candidate | verify | refine | fuse
     backend: str
     status: str = "ok"  # ok | error
     delivered: bool = False
@@ -59,6 +63,7 @@ class Plan:
     """The backends a mode will call, in the order it calls them, and what that may cost."""
 
     mode: str
+    judge: str  # cascade: scorer | verify (see `verify_body`)
     first: list[str]  # cascade: in order, one at a time; parallel/fuse: at once; refine/s2p: the draft
     second: list[str]  # refine: the refiner; s2p: the refiners (at once); fuse: the fuser
     predicted_usd: float
@@ -95,12 +100,15 @@ def plan(
     output_limit: int,
     max_cost_usd: float | None,
     pinned: bool,
+    judge: str | None = None,
 ) -> Plan:
     """What `mode` will call for this decision. The per-request cap bounds the predicted total: calls
-    that would pass it are dropped (one call always stays). A pinned request is one call."""
+    that would pass it are dropped (one call always stays). A pinned request is one call. A cascade
+    judged by verification counts one verification call after each of its answers but the last."""
     arms = {a.name: a for a in record.arms}
     ranked = [record.chosen, *[b for b in record.fallbacks if b in arms]]
     k = min(settings.parallel_k, len(ranked))
+    judge = judge or settings.cascade_judge
     if pinned or mode == ROUTE or len(ranked) == 1:
         mode, first, second = ROUTE, [record.chosen], []
     elif mode == "cascade":
@@ -113,20 +121,31 @@ def plan(
         first, second = [record.chosen], [settings.refiner or ranked[1]]
     else:  # s2p
         first, second = [record.chosen], [settings.refiner or b for b in ranked[1 : k + 1]]
-    calls = [(b, 0) for b in first] + [(b, len(first) if mode == "fuse" else 1) for b in second]
-    predicted = worst = 0.0
-    kept: list[tuple[str, int]] = []
-    for backend, carried in calls:
+    # (backend, earlier answers carried in its prompt, is a verification)
+    calls = [(b, 0, False) for b in first] + [(b, len(first) if mode == "fuse" else 1, False) for b in second]
+    if mode == "cascade" and judge == VERIFY:
+        calls = [step for n, b in enumerate(first) for step in [(b, 0, False), (b, 1, True)][: 1 if n == len(first) - 1 else 2]]
+    costs: list[tuple[float, float]] = []
+    kept: list[tuple[str, int, bool]] = []
+    for backend, carried, verifying in calls:
         arm = arms.get(backend) or Arm(backend, 0.0, 0.0)
-        p, w = _costs(arm, record.prompt_tokens, output_limit, carried)
-        if kept and max_cost_usd is not None and predicted + p > max_cost_usd:
+        p, w = _verify_costs(arm, record.prompt_tokens, output_limit) if verifying else _costs(arm, record.prompt_tokens, output_limit, carried)
+        if kept and max_cost_usd is not None and sum(c[0] for c in costs) + p > max_cost_usd:
             break
-        kept.append((backend, carried))
-        predicted += p
-        worst += w
-    first_kept = [b for b, _ in kept[: len(first)]]
-    second_kept = [b for b, _ in kept[len(first) :]]
-    return Plan(mode, first_kept, second_kept, predicted, worst)
+        kept.append((backend, carried, verifying))
+        costs.append((p, w))
+    if kept[-1][2]:  # a verification with nothing left to escalate to is not made
+        kept, costs = kept[:-1], costs[:-1]
+    answering = [b for b, _, verifying in kept if not verifying]
+    first_kept, second_kept = answering[: len(first)], answering[len(first) :]
+    return Plan(mode, judge, first_kept, second_kept, sum(c[0] for c in costs), sum(c[1] for c in costs))
+
+
+def _verify_costs(arm: Arm, prompt_tokens: int, output_limit: int) -> tuple[float, float]:
+    """(predicted, worst case) of a verification: the prompt and an answer in, one token out."""
+    grown = prompt_tokens + output_limit
+    cost = predict_cost(arm.price_per_1m_input_tokens_usd, arm.price_per_1m_output_tokens_usd, grown, 1)
+    return cost, cost
 
 
 def answer_text(body: dict[str, Any] | None) -> str:
@@ -183,6 +202,35 @@ def refine_messages(messages: list[dict[str, Any]], draft: str) -> list[dict[str
     return [*messages, {"role": "user", "content": instruction}]
 
 
+VERIFY_QUESTION = "Is the answer above correct and complete? Reply with Yes or No only."
+VERIFY_TOP_LOGPROBS = 20  # vLLM's default cap on top_logprobs
+
+
+def verify_body(body: dict[str, Any], answer: str) -> dict[str, Any]:
+    """AutoMix's self-verification as one call: the conversation, the answer as the assistant's turn, then
+    the question; one greedy token with its top log-probabilities. Only the conversation is kept from the
+    client's request (tools, response formats or stop strings would bend a one-word reply)."""
+    messages = [*list(body.get("messages") or []), {"role": "assistant", "content": answer}, {"role": "user", "content": VERIFY_QUESTION}]
+    return {"messages": messages, "max_tokens": 1, "temperature": 0.0, "logprobs": True, "top_logprobs": VERIFY_TOP_LOGPROBS}
+
+
+def verification_score(body: dict[str, Any] | None) -> float | None:
+    """P(Yes) / (P(Yes) + P(No)) over the first token's top log-probabilities (any case, spaces ignored);
+    without log-probabilities, 1 or 0 by the token itself. None when the reply is neither."""
+    try:
+        first = body["choices"][0]["logprobs"]["content"][0]  # type: ignore[index]
+        options = [(str(t["token"]), float(t["logprob"])) for t in first.get("top_logprobs") or [first]]
+    except (KeyError, IndexError, TypeError, ValueError):
+        options = [(answer_text(body), 0.0)]
+    mass = {"yes": 0.0, "no": 0.0}
+    for token, logprob in options:
+        word = token.strip().strip(".!").lower()
+        if word in mass:
+            mass[word] += float(np.exp(logprob))
+    total = mass["yes"] + mass["no"]
+    return mass["yes"] / total if total > 0 else None
+
+
 CallBackend = Callable[[str, str, dict[str, Any]], Awaitable[Call]]  # (backend, role, body) -> the call, ok or error
 # (query, answers, the backends that wrote them) -> (scores, how they were scored)
 Score = Callable[[str, list[str], list[str]], Awaitable[tuple[list[float], str]]]
@@ -192,7 +240,7 @@ Score = Callable[[str, list[str], list[str]], Awaitable[tuple[list[float], str]]
 class ModeResult:
     calls: list[Call]
     delivered: Call | None
-    scored_by: str | None  # scorer | agreement | None (nothing was compared)
+    scored_by: str | None  # scorer | agreement | verify | None (nothing was compared)
 
 
 async def run(
@@ -234,17 +282,27 @@ async def run(
     delivered: Call | None
     if mode == "cascade":
         answered: list[Call] = []
+        verifying = plan_.judge == VERIFY
         for index, backend in enumerate(plan_.first):
             answered += await ask([backend], "candidate", body)
             if not answered:
                 continue
-            await rate(answered[-1:])
-            if index + 1 >= len(plan_.first):
+            last = index + 1 >= len(plan_.first)
+            if not verifying:
+                await rate(answered[-1:])
+            if last:
                 break
             bar = threshold(plan_.first[index + 1])
-            if bar is None or (answered[-1].score or 0.0) >= bar:
+            if bar is None:
                 break
-        delivered = best(answered)
+            if verifying:  # asked of the backend that answered (failover may pick another)
+                checked = await ask([answered[-1].backend], VERIFY, verify_body(body, answered[-1].answer or ""))
+                answered[-1].score = verification_score(checked[0].body) if checked else None
+                scored_by = VERIFY
+            if answered[-1].score is not None and answered[-1].score >= bar:
+                break
+        # verification: the answer that passed, else the last (each earlier one failed its check)
+        delivered = (answered[-1] if answered else None) if verifying else best(answered)
     elif mode in ("parallel", "fuse"):
         answered = await ask(plan_.first, "candidate", body)
         await rate(answered)

@@ -54,7 +54,7 @@ from router.errors import (
 )
 from router.memory import Memory, MemoryEntry
 from router.metrics import RouterMetrics
-from router.modes import ROUTE, Call, Plan, agreement, answer_text
+from router.modes import ROUTE, VERIFY, Call, Plan, agreement, answer_text
 from router.modes import plan as plan_calls
 from router.modes import run as run_mode
 from router.predicting import PredictorSet
@@ -127,6 +127,7 @@ class RoutingRequest:
     policy: str | None = None
     max_cost_usd: float | None = None
     mode: str | None = None  # None: the config's default mode
+    judge: str | None = None  # a cascade's: None, the config's
 
 
 
@@ -722,7 +723,7 @@ class RouterService:
         """The calls the request's mode will make (`/v1/route` decides one backend: always `route`)."""
         mode = (request.mode or self.config.modes.default) if kind == "chat" else ROUTE
         quality = self.engine.quality_estimates(record.policy) if mode == "cascade" else {}
-        return plan_calls(mode, record, self.config.modes, quality, request.output_limit, cap, pinned)
+        return plan_calls(mode, record, self.config.modes, quality, request.output_limit, cap, pinned, request.judge)
 
     async def route(self, request: RoutingRequest, tenant: str | None = None) -> Routed:
         return await self.decide(request, "route", tenant)
@@ -850,10 +851,11 @@ class RouterService:
         vectors = await asyncio.to_thread(self.embedder.embed, answers) if len(answers) > 1 else None
         return agreement(answers, vectors), "agreement"
 
-    def _cascade_bar(self, record: DecisionRecord, next_backend: str) -> float | None:
+    def _cascade_bar(self, record: DecisionRecord, next_backend: str, judge: str) -> float | None:
         """Stop before `next_backend` when an answer scores this much: the configured threshold, lowered by
-        lambda times that call's predicted cost in reward units. None: no scorer, no absolute score."""
-        if self.predictors.scorer is None:
+        lambda times that call's predicted cost in reward units. None: judged by a scorer and none is
+        trained, so there is no absolute score."""
+        if judge != VERIFY and self.predictors.scorer is None:
             return None
         arm = next((a for a in record.arms if a.name == next_backend), None)
         penalty = record.cost_weight * (arm.predicted_cost_usd if arm else 0.0) / record.cost_scale if record.cost_scale else 0.0
@@ -867,7 +869,7 @@ class RouterService:
             result = await run_mode(
                 routed.plan, request.query, request.body,
                 lambda backend, role, body: self._call_for_mode(routed, backend, role, body),
-                self._score_answers, lambda backend: self._cascade_bar(routed.record, backend),
+                self._score_answers, lambda backend: self._cascade_bar(routed.record, backend, routed.plan.judge),
             )
         except BaseException:
             self.engine.record_failure(routed.decision_id)
@@ -886,7 +888,7 @@ class RouterService:
                                               cost_usd=routed.cost_usd or None, latency_ms=latency_ms, calls=calls))
             raise self._terminal_error(routed, exhausted)
         for call in answered:
-            if call is not delivered and call.completion_tokens is not None and not self.clustered:
+            if call is not delivered and call.role != VERIFY and call.completion_tokens is not None and not self.clustered:
                 self.engine.observe_answer_length(call.backend, call.completion_tokens)
         self._record_answer(routed, delivered.backend, delivered.completion_tokens or 0, routed.cost_usd, latency_ms)
         self._spawn(self._finish(routed, Finish(  # not on the response path: feedback on it waits for this write

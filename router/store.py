@@ -39,7 +39,7 @@ from router.db import database_error, lock_key_sql
 from router.engine import DecisionRecord
 from router.errors import Conflict, NotFound
 from router.memory import MemoryEntry
-from router.modes import Call
+from router.modes import VERIFY, Call
 from router.tables import DecisionCall, DecisionRow, PolicySnapshot, Preference, QueryEmbedding, Reward, Spend, SpendHold
 
 log = logging.getLogger("llm_router")
@@ -905,7 +905,7 @@ class Store:
                 for decision_id, backend, tokens in session.execute(
                     select(DecisionCall.decision_id, DecisionCall.backend, DecisionCall.completion_tokens)
                     .where(DecisionCall.decision_id.in_(multi), DecisionCall.status == "ok", DecisionCall.delivered.is_(False),
-                           DecisionCall.completion_tokens.is_not(None))
+                           DecisionCall.role != VERIFY, DecisionCall.completion_tokens.is_not(None))
                     .order_by(DecisionCall.decision_id, DecisionCall.position)
                 ).all():
                     lengths.setdefault(decision_id, []).append((backend, int(tokens)))

@@ -78,7 +78,7 @@ class DecisionCall(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     decision_id: str = Field(foreign_key="decisions.id", max_length=64, index=True)
     position: int
-    role: str = Field(max_length=16, description="answer | draft | candidate | refine | fuse")
+    role: str = Field(max_length=16, description="answer | draft | candidate | verify | refine | fuse")
     backend: str = Field(max_length=64)
     status: str = Field(max_length=16, description="ok | error")
     delivered: bool = False

@@ -61,4 +61,5 @@ def routing_request(request: ChatCompletionRequest, limits: LimitsConfig, pool: 
         policy=options.policy,
         max_cost_usd=options.max_cost_usd,
         mode=options.mode,
+        judge=options.judge,
     )

@@ -18,6 +18,9 @@ class RouterOptions(BaseModel):
     mode: Literal["route", "cascade", "parallel", "fuse", "refine", "s2p"] | None = Field(
         default=None, description="Answer-aware mode (default: the config's modes.default)."
     )
+    judge: Literal["scorer", "verify"] | None = Field(
+        default=None, description="What scores a cascade's answers (default: the config's modes.cascade_judge)."
+    )
 
 
 class ChatMessage(BaseModel):
@@ -72,7 +75,7 @@ class ChatCompletionRequest(BaseModel):
 class CallInfo(BaseModel):
     """One backend call of an answer-aware mode."""
 
-    role: str = Field(description="candidate | draft | refine | fuse")
+    role: str = Field(description="answer | candidate | verify | draft | refine | fuse")
     backend: str
     status: str
     delivered: bool

@@ -1,6 +1,7 @@
 """The answer-aware modes without I/O: plans, the cost-quality frontier, agreement, and the runs."""
 
 import asyncio
+import math
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from policies import Arm
 from router.config import ModesConfig
 from router.engine import DecisionRecord
-from router.modes import Call, agreement, final_number, frontier, fuse_messages, plan, run
+from router.modes import VERIFY, Call, agreement, final_number, frontier, fuse_messages, plan, run, verification_score
 
 ARMS = [Arm("cheap", 0.1, 0.2, 1e-6), Arm("mid", 1.0, 2.0, 1e-5), Arm("dear", 10.0, 20.0, 1e-4)]
 
@@ -84,6 +85,59 @@ def test_a_cascade_stops_at_the_first_answer_that_clears_the_bar():
     log.clear()
     result = asyncio.run(run(cascade, "q", {"messages": [{"role": "user", "content": "q"}]}, _caller(answers, log), _by_length, lambda b: None))
     assert [b for b, _, _ in log] == ["cheap"], "no absolute score (no scorer): the first answer is delivered"
+
+
+def _verified(p_yes):
+    """A backend's reply to a verification: one token with its top log-probabilities, as vLLM sends it."""
+    top = [{"token": "Yes", "logprob": math.log(p_yes)}, {"token": " no", "logprob": math.log(1 - p_yes)}]
+    return {"choices": [{"message": {"content": "Yes"}, "logprobs": {"content": [{"token": "Yes", "logprob": top[0]["logprob"],
+                                                                               "top_logprobs": top}]}}]}
+
+
+def _verifying_caller(answers, p_yes, log):
+    answer = _caller(answers, log)
+
+    async def call(backend, role, body):
+        if role != VERIFY:
+            return await answer(backend, role, body)
+        log.append((backend, role, body))
+        return Call(0, role, backend, body=_verified(p_yes[backend]), answer="Yes", cost_usd=0.5, completion_tokens=1)
+    return call
+
+
+def test_a_verified_cascade_asks_each_backend_to_check_its_answer_and_escalates_on_doubt():
+    quality = {"cheap": 0.3, "mid": 0.5, "dear": 0.9}
+    cascade = plan("cascade", _record(), ModesConfig(cascade_max_calls=3, cascade_judge="verify"), quality, 50, None, False)
+    scored = plan("cascade", _record(), ModesConfig(cascade_max_calls=3), quality, 50, None, False)
+    verifications = ((100 + 50) * 0.1 + 0.2 + (100 + 50) * 1.0 + 2.0) / 1e6  # prompt + answer in, one token out; none after dear
+    assert cascade.judge == VERIFY and cascade.first == scored.first == ["cheap", "mid", "dear"]
+    assert cascade.predicted_usd == pytest.approx(scored.predicted_usd + verifications)
+    capped = plan("cascade", _record(), ModesConfig(cascade_judge="verify"), quality, 50, cascade.predicted_usd - 1e-6, False)
+    assert capped.first == ["cheap", "mid"], "the cap drops dear, and then mid's verification (nothing to escalate to)"
+    two = plan("cascade", _record(), ModesConfig(cascade_max_calls=2), quality, 50, None, False)
+    assert capped.predicted_usd == pytest.approx(two.predicted_usd + ((100 + 50) * 0.1 + 0.2) / 1e6), "two answers, cheap's check"
+
+    body = {"messages": [{"role": "user", "content": "q"}], "max_tokens": 50, "tools": [{"type": "function"}]}
+    answers = {"cheap": "cheap says", "mid": "mid says", "dear": "dear says"}
+    log = []
+    result = asyncio.run(run(cascade, "q", body, _verifying_caller(answers, {"cheap": 0.3, "mid": 0.8}, log), _by_length, lambda b: 0.6))
+    assert [(b, role) for b, role, _ in log] == [("cheap", "candidate"), ("cheap", VERIFY), ("mid", "candidate"), ("mid", VERIFY)]
+    check = log[1][2]
+    assert check["max_tokens"] == 1 and check["logprobs"] and "tools" not in check, "a one-token check, without the client's tools"
+    assert check["messages"][-2] == {"role": "assistant", "content": "cheap says"} and "Yes or No" in check["messages"][-1]["content"]
+    assert result.delivered.backend == "mid" and result.delivered.score == pytest.approx(0.8) and result.scored_by == VERIFY
+    assert [c.position for c in result.calls] == [0, 1, 2, 3] and sum(c.cost_usd for c in result.calls) == 3.0
+    log.clear()
+    result = asyncio.run(run(cascade, "q", body, _verifying_caller(answers, {"cheap": 0.1, "mid": 0.2}, log), _by_length, lambda b: 0.6))
+    assert [role for _, role, _ in log] == ["candidate", VERIFY, "candidate", VERIFY, "candidate"], "the last answer is not checked"
+    assert result.delivered.backend == "dear", "every earlier answer failed its check: the last is delivered"
+
+
+def test_a_verification_scores_the_probability_of_yes():
+    assert verification_score(_verified(0.75)) == pytest.approx(0.75)
+    assert verification_score({"choices": [{"message": {"content": "No."}}]}) == 0.0, "no log-probabilities: the token itself"
+    assert verification_score({"choices": [{"message": {"content": "Perhaps"}}]}) is None
+    assert verification_score(None) is None
 
 
 def test_parallel_delivers_the_best_scored_and_refine_passes_the_draft_on():

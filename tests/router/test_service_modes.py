@@ -138,6 +138,26 @@ async def test_without_a_scorer_a_cascade_delivers_its_first_answer(tmp_path, sq
     await service.close()
 
 
+async def test_a_cascade_judged_by_verification_escalates_when_a_backend_doubts_its_answer(tmp_path, sqlite_url, embedder, fakes):
+    service = _service(tmp_path, sqlite_url, embedder, fakes, 'cascade_judge = "verify"\ncascade_threshold = 0.5\n')
+    for name, reward in (("cheap", 0.3), ("mid", 0.6), ("dear", 0.9)):  # what the cascade orders the frontier by
+        _, pinned = await service.chat(chat_request(f"Warm-up for {name}", model=name, max_tokens=4))
+        await service.feedback(pinned.decision_id, None, reward=reward)
+    assert service.engine.quality_estimates("thompson") == {"cheap": 0.3, "mid": 0.6, "dear": 0.9}
+    fakes["cheap"].answer, fakes["mid"].answer = "No", "Yes"  # each one's answer, and its verdict on it (no log-probabilities)
+    body, routed = await service.chat(chat_request("Is water wet?", max_tokens=8, router={"mode": "cascade"}))
+    assert [(c.backend, c.role, c.score) for c in routed.calls] == [
+        ("cheap", "candidate", 0.0), ("cheap", "verify", None), ("mid", "candidate", 1.0), ("mid", "verify", None)]
+    assert body["choices"][0]["message"]["content"] == "Yes" and routed.record.backend == "mid" and fakes["dear"].chats == 1
+    assert fakes["cheap"].requests[-1]["max_tokens"] == 1 and fakes["cheap"].requests[-1]["messages"][-2]["content"] == "No"
+    assert routed.cost_usd == pytest.approx(sum(c.cost_usd for c in routed.calls)), "the checks are paid for too"
+    _, judged = await service.chat(chat_request("Is fire hot?", max_tokens=8, router={"mode": "cascade", "judge": "scorer"}))
+    assert [c.role for c in judged.calls] == ["candidate"], "per request: the scorer judges (none trained: one answer)"
+    await service.wait_for_final_write(routed.decision_id)
+    assert [r.role for r in _calls(service, routed.decision_id)] == ["candidate", "verify", "candidate", "verify"]
+    await service.close()
+
+
 @pytest.mark.vllm
 @pytest.mark.parametrize("mode", ["cascade", "parallel", "fuse", "refine", "s2p"])
 def test_every_mode_end_to_end_on_vllm(mode, tmp_path, sqlite_url, vllm_backends, start_router):
@@ -159,3 +179,23 @@ def test_every_mode_end_to_end_on_vllm(mode, tmp_path, sqlite_url, vllm_backends
     reward = httpx.post(f"{router.url}/v1/rewards", json={"decision_id": info["decision_id"], "reward": 0.7}, timeout=30)
     assert reward.status_code == 200, reward.text
     asyncio.run(asyncio.sleep(0))
+
+
+@pytest.mark.vllm
+def test_a_verified_cascade_on_vllm_reads_the_backends_own_probability_of_yes(tmp_path, sqlite_url, vllm_backends, start_router):
+    backends = backend_table("smol-a", vllm_backends["smol-a"], 0.05, 0.10) + backend_table("smol-b", vllm_backends["smol-b"], 0.50, 1.50)
+    router = start_router(write_config(tmp_path / "router.toml", sqlite_url, backends, '[modes]\ncascade_judge = "verify"\n'))
+    for name, reward in (("smol-a", 0.4), ("smol-b", 0.8)):  # the frontier: smol-a first, then smol-b
+        pinned = httpx.post(f"{router.url}/v1/chat/completions", timeout=120,
+                            json={"model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        httpx.post(f"{router.url}/v1/rewards", json={"decision_id": pinned.json()["router"]["decision_id"], "reward": reward}, timeout=30)
+    request = {"model": "auto", "messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_tokens": 8, "router": {"mode": "cascade"}}
+    answer = httpx.post(f"{router.url}/v1/chat/completions", json=request, timeout=120)
+    assert answer.status_code == 200, answer.text
+    calls = answer.json()["router"]["calls"]
+    assert [(c["backend"], c["role"]) for c in calls[:2]] == [("smol-a", "candidate"), ("smol-a", "verify")]
+    score = calls[0]["score"]
+    assert 0.0 <= score <= 1.0, "P(Yes) read from the backend's log-probabilities"
+    escalated = score < 0.5  # the default threshold, no budget pressure
+    assert [c["backend"] for c in calls[2:]] == (["smol-b"] if escalated else [])
+    assert answer.json()["router"]["backend"] == ("smol-b" if escalated else "smol-a")
