@@ -10,7 +10,8 @@ at two prices) and sends each prompt through every mode, plain and streamed: lat
 answer, time to first token is the first streamed event (a mode that must see whole answers streams
 the delivered one once chosen, so its first token comes at the end). No answer scorer is trained here,
 so selection is by agreement and a cascade judged by the scorer stops after its first answer;
-`cascade-verify` is judged by self-verification instead. Prints one table and writes
+`cascade-verify` is judged by self-verification instead (one rewarded answer from each backend first puts
+both on the cascade's frontier, the cheap one first). Prints one table and writes
 the figures to `--out` (default var/bench/modes.json).
 """
 
@@ -65,8 +66,18 @@ def _config(workdir: Path, urls: list[str]) -> Path:
     return path
 
 
+async def _warm_up(service: RouterService) -> None:
+    """One rewarded answer from each backend (the dear one rated higher), so the cascade's frontier holds
+    both: cheap first, then dear."""
+    for name, reward in (("smol-0", 0.4), ("smol-1", 0.8)):
+        body = {"model": name, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}
+        _, routed = await service.chat(routing_request(ChatCompletionRequest.model_validate(body), service.config.limits))
+        await service.feedback(routed.decision_id, None, reward=reward)
+
+
 async def _measure(service: RouterService, prompts: list[str], max_tokens: int) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
+    await _warm_up(service)
     for mode, options in MODES:
         latencies, firsts, calls, costs = [], [], [], []
         for prompt in prompts:
