@@ -2,7 +2,7 @@
 
 `route` is one call (the service's plain path). The others look at answers before delivering one:
 - `cascade` (FrugalGPT, AutoMix): backends along the cost-quality frontier, cheapest first; stop at the
-  first answer whose absolute score (the scorer's `quality`) clears the threshold (lowered by the budget's lambda times the next call's
+  first answer whose score clears the threshold (lowered by the budget's lambda times the next call's
   cost, so cost pressure stops a cascade earlier); deliver the best-scored answer seen.
 - `parallel` (PI): the policy's top k backends at once; deliver the best-scored answer.
 - `fuse` (P2S): parallel answers, then a fuser backend writes one answer from them, weighted by scores.
@@ -232,9 +232,8 @@ def verification_score(body: dict[str, Any] | None) -> float | None:
 
 
 CallBackend = Callable[[str, str, dict[str, Any]], Awaitable[Call]]  # (backend, role, body) -> the call, ok or error
-# (query, answers, the backends that wrote them, absolute) -> (scores, how they were scored); absolute: the
-# scores must mean the same across queries (a cascade's threshold), not only rank the answers given
-Score = Callable[[str, list[str], list[str], bool], Awaitable[tuple[list[float], str]]]
+# (query, answers, the backends that wrote them) -> (scores, how they were scored)
+Score = Callable[[str, list[str], list[str]], Awaitable[tuple[list[float], str]]]
 
 
 @dataclass
@@ -269,7 +268,7 @@ async def run(
         nonlocal scored_by
         if len(candidates) < 2 and plan_.mode != "cascade":
             return
-        values, scored_by = await score(query, [c.answer or "" for c in candidates], [c.backend for c in candidates], mode == "cascade")
+        values, scored_by = await score(query, [c.answer or "" for c in candidates], [c.backend for c in candidates])
         for c, value in zip(candidates, values):
             c.score = value
 

@@ -60,15 +60,11 @@ class PredictorSet:
         `mf` reads the embedding, see `with_mf`)."""
         return self.forc is not None or self.hybrid is not None
 
-    def score(self, query: str, answers: Sequence[str], backends: Sequence[str | None] | None = None,
-              absolute: bool = False) -> list[float] | None:
+    def score(self, query: str, answers: Sequence[str], backends: Sequence[str | None] | None = None) -> list[float] | None:
         """The scorer's value in [0,1] for each answer to `query` (higher is better); None while no scorer is
-        loaded. `backends` (optional, one per answer) adds the scorer's learned prior of each backend.
-        `absolute`: its absolute quality estimate (comparable across queries: a cascade's threshold)."""
+        loaded. `backends` (optional, one per answer) adds the scorer's learned prior of each backend."""
         scorer = self.scorer
-        if scorer is None:
-            return None
-        return scorer.quality([query] * len(answers), answers, backends) if absolute else scorer.score(query, answers, backends)
+        return None if scorer is None else scorer.score(query, answers, backends)
 
     def with_mf(self, predictions: Predictions | None, embedding: np.ndarray) -> Predictions | None:
         """`predictions` with the `mf` model's quality estimate per backend for the query's embedding; as

@@ -842,10 +842,10 @@ class RouterService:
         self.metrics.cost.labels(answered_by).inc(result.cost_usd)
         return call
 
-    async def _score_answers(self, query: str, answers: list[str], backends: list[str], absolute: bool) -> tuple[list[float], str]:
-        """The answer scorer's scores (with its learned prior of each backend; `absolute`: its absolute
-        estimate) when one is trained, else agreement among the answers."""
-        scores = await asyncio.to_thread(self.predictors.score, query, answers, backends, absolute)
+    async def _score_answers(self, query: str, answers: list[str], backends: list[str]) -> tuple[list[float], str]:
+        """The answer scorer's scores (with its learned prior of each backend) when one is trained, else
+        agreement among the answers."""
+        scores = await asyncio.to_thread(self.predictors.score, query, answers, backends)
         if scores is not None:
             return list(scores), "scorer"
         vectors = await asyncio.to_thread(self.embedder.embed, answers) if len(answers) > 1 else None

@@ -17,13 +17,7 @@ What it is (the third predictor kind, "scorer", next to FORC and Hybrid-LLM):
   part alone, 5 splits) a weight of 0.5 on the absolute term cost a third of the selection gain over the
   best single model (+0.012 against +0.018 at 0), 0.1 almost nothing (+0.017). So the absolute estimate
   comes from Platt scaling instead, fitted on the validation answers after training: sigmoid(a * score +
-  b), monotone, is the quality estimate of `score`.
-- A cascade needs more than that: whether the one answer it has is good in absolute terms, across
-  queries, which ranking answers to the same query does not teach (on alpaca_eval the ranking score's
-  AUC for "the cheap answer is as good as the dear one's" was 0.48). `quality` is a second, absolute
-  estimate: a logistic regression over the ranking logit and the standardised features (cheap ones and
-  the backend's one-hot), fitted like the calibration on the validation answers; it is what a cascade's
-  threshold compares with. A scorer saved before it existed has none: `quality` is then `score`.
+  b), monotone, is the quality estimate a cascade's fixed threshold compares with.
 - Validation (`validation_loss` below, lower is better, so `should_promote_scorer` keeps the rule of
   `should_promote`): the mean selection regret over the validation prompts with two or more answers,
   i.e. best quality minus the quality of the top-scored answer (ties share the pick). Where the split has
@@ -62,7 +56,6 @@ from router.progress import bar
 RANK_TEMPERATURE = 0.1  # quality 0.1 apart: target odds e:1 in the listwise term
 ABSOLUTE_WEIGHT = 0.1  # weight of the BCE term next to the listwise one (more costs ranking: see train_scorer)
 LINEAR_L2 = 1e-3  # ridge penalty of the linear start
-ABSOLUTE_L2 = 1e-2  # ridge penalty of the absolute estimate (fitted on the few validation answers)
 QUERY_MIN_TOKENS = 32  # a long pair keeps at least this much of the query
 FEATURES = ("log_answer_chars", "log_answer_lines", "list_line_share", "log_query_chars")
 QUALITY_CLAMP = 1e-4
@@ -129,18 +122,13 @@ class ScorerNetwork(torch.nn.Module):
         self.register_buffer("feature_mean", torch.zeros(features))
         self.register_buffer("feature_scale", torch.ones(features))
         self.register_buffer("calibration", torch.tensor([1.0, 0.0]))
-        # the absolute estimate: weights on [logit, standardised features], then a bias; all zero: not fitted
-        self.register_buffer("absolute", torch.zeros(features + 2))
-
-    def standardised(self, features: torch.Tensor) -> torch.Tensor:
-        return (features - self.feature_mean) / self.feature_scale
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         extra = {"token_type_ids": types} if self.token_types else {}
         hidden = self.backbone(input_ids=ids, attention_mask=mask, **extra).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        features = self.standardised(features)
+        features = (features - self.feature_mean) / self.feature_scale
         return (self.head(torch.cat([pooled, features], dim=1)) + self.linear(features))[:, 0]
 
 
@@ -230,24 +218,6 @@ class AnswerScorer:
         """`score` for many (query, answer) pairs at once (one batched pass)."""
         return self._calibrated(self.logits(queries, answers, backends)).tolist() if answers else []
 
-    def quality(self, queries: Sequence[str], answers: Sequence[str], backends: Sequence[str | None] | None = None) -> list[float]:
-        """The absolute quality estimate of each (query, answer) pair, comparable across queries: what a
-        cascade's threshold compares with (see the module docstring). `score`'s values when not fitted."""
-        if not answers:
-            return []
-        logits = self.logits(queries, answers, backends)
-        weights = self.network.absolute
-        if not bool(weights.any()):
-            return self._calibrated(logits).tolist()
-        return torch.sigmoid(self._absolute_inputs(queries, answers, backends, logits) @ weights[:-1] + weights[-1]).tolist()
-
-    def _absolute_inputs(self, queries: Sequence[str], answers: Sequence[str], backends: Sequence[str | None] | None,
-                         logits: torch.Tensor) -> torch.Tensor:
-        sources = list(backends) if backends is not None else [None] * len(answers)
-        features = torch.tensor([feature_row(q, a, b, self.backends) for q, a, b in zip(queries, answers, sources, strict=True)],
-                                dtype=torch.float32)
-        return torch.cat([logits.reshape(-1, 1).float(), self.network.standardised(features)], dim=1)
-
     def _calibrated(self, logits: torch.Tensor) -> torch.Tensor:
         """sigmoid(a * logit + b): monotone (a > 0), so the ranking within a query is the logits'."""
         a, b = self.network.calibration.tolist()
@@ -275,9 +245,7 @@ class AnswerScorer:
             raise ValueError(f"it was trained on features {config.features}, this code computes {list(FEATURES)}")
         backbone = AutoModel.from_config(AutoConfig.from_pretrained(directory / ENCODER_DIR))
         network = ScorerNetwork(backbone, len(FEATURES) + len(config.backends), config.token_types)
-        missing, unexpected = load_model(network, str(directory / WEIGHTS_FILE), strict=False)
-        if set(missing) - {"absolute"} or unexpected:  # a scorer saved before the absolute estimate lacks only that
-            raise ValueError(f"weights do not fit the network: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        load_model(network, str(directory / WEIGHTS_FILE), strict=True)
         return cls(network.eval(), AutoTokenizer.from_pretrained(directory / ENCODER_DIR), config.max_length, config.backends)
 
 
@@ -402,7 +370,6 @@ def train_scorer(samples: Sequence[AnswerSample], settings: TrainSettings | None
         _start_from_features(scorer, train, math.log(mean / (1 - mean)))
         _fit(scorer, train, settings)
         _calibrate(scorer, validation)
-        _fit_absolute(scorer, validation)
         scores = group_scores(scorer, validation)
     constant = [[mean] * len(group.answers) for group in validation]
     return TrainingResult(
@@ -479,33 +446,6 @@ def _calibrate(scorer: AnswerScorer, groups: Sequence[Group]) -> None:
     optimizer.step(closure)
     with torch.no_grad():
         scorer.network.calibration.copy_(torch.tensor([float(log_a.exp()), float(b)]))
-
-
-def _fit_absolute(scorer: AnswerScorer, groups: Sequence[Group]) -> None:
-    """The absolute estimate on held-out answers: logistic regression (BCE against the qualities, ridge
-    ABSOLUTE_L2 on the weights) over the logit and the standardised features, from Platt's fit (weight a on
-    the logit, bias b, none on the features)."""
-    queries = [g.prompt for g in groups for _ in g.answers]
-    answers = [a for g in groups for a in g.answers]
-    backends = [b for g in groups for b in g.backends]
-    x = scorer._absolute_inputs(queries, answers, backends, scorer.logits(queries, answers, backends)).double()
-    quality = torch.tensor([q for g in groups for q in g.qualities], dtype=torch.float64)
-    a, b = scorer.network.calibration.tolist()
-    weights = torch.zeros(x.shape[1], dtype=torch.float64)
-    weights[0] = a
-    weights.requires_grad_(True)
-    bias = torch.tensor([b], dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weights, bias], max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ weights + bias, quality) + ABSOLUTE_L2 * (weights**2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    with torch.no_grad():
-        scorer.network.absolute.copy_(torch.cat([weights.detach(), bias.detach()]).float())
 
 
 def _fit(scorer: AnswerScorer, groups: list[Group], settings: TrainSettings) -> None:

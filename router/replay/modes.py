@@ -15,9 +15,8 @@ measured; every call a mode makes is paid.
   better than every cheaper one), cheapest first; of the chains along it that end at its best backend
   (at most `cascade_max_calls` long), the one whose threshold sweep has the highest AIQ on calibration
   prompts (the history prompts the scorer validated on: scores it did not train on). Each routed prompt
-  calls down the chain, scores each answer (the scorer's absolute estimate, `quality`, as in the service)
-  and stops at the first scored >= the threshold; it delivers the best-scored answer seen and pays every
-  call. The threshold is the knob: the config's
+  calls down the chain, scores each answer and stops at the first scored >= the threshold; it delivers the
+  best-scored answer seen and pays every call. The threshold is the knob: the config's
   `modes.cascade_threshold`, or, with a budget, the largest threshold whose mean cost on the calibration
   prompts is within it; `--budgets` sweeps it into a cost-quality curve and AIQ. The cascade is fixed
   after the history (no online learning in the replay).
@@ -52,7 +51,7 @@ from router.replay.passes import PassResult, TrainFraction, replay_config
 
 MODES = ("cascade", "parallel")
 THRESHOLDS = tuple(round(t, 2) for t in np.linspace(0.0, 1.0, 21)) + (1.01,)  # 1.01: never stop early
-SCORER_CACHE_VERSION = 3  # bump when the scorer's training changes, to retrain cached models
+SCORER_CACHE_VERSION = 2  # bump when the scorer's training changes, to retrain cached models
 
 
 @dataclass
@@ -82,11 +81,10 @@ class Scorers:
     scorer_seconds: float = 0.0
     scored: int = 0
     scores_file: Path | None = None
-    absolute: bool = False  # the trained scorer's absolute estimate (`quality`: a cascade's), not its ranking score
     _persisted: dict[str, float] | None = None
 
     def _key(self, index: int, model: str) -> str:
-        text = f"{'absolute' if self.absolute else 'rank'}\x1f{self.dataset.prompts[index].prompt}\x1f{model}\x1f{self.answers[index][model]}"
+        text = f"{self.dataset.prompts[index].prompt}\x1f{model}\x1f{self.answers[index][model]}"
         return hashlib.sha1(text.encode()).hexdigest()[:20]
 
     def _stored(self) -> dict[str, float]:
@@ -120,9 +118,8 @@ class Scorers:
         if not missing:
             return
         started = time.perf_counter()
-        scoring = self.trained.quality if self.absolute else self.trained.score_pairs
-        values = scoring([self.dataset.prompts[i].prompt for i, _ in missing], [self.answers[i][m] for i, m in missing],
-                         [m for _, m in missing])
+        values = self.trained.score_pairs([self.dataset.prompts[i].prompt for i, _ in missing],
+                                          [self.answers[i][m] for i, m in missing], [m for _, m in missing])
         self.scorer_seconds += time.perf_counter() - started
         self.scored += len(missing)
         self._scores.update(zip(missing, values))
@@ -415,7 +412,7 @@ class ModeEvaluation:
 
     def scorers(self, seed: int) -> Scorers:
         if seed not in self._seeds:
-            found = Scorers(self.dataset, self.answers, self.embedder, absolute=self.settings.mode == "cascade")
+            found = Scorers(self.dataset, self.answers, self.embedder)
             if self.train is not None:
                 found.trained, found.training, found.calibration = train_history_scorer(
                     self.dataset, self.answers, self.history(seed), seed, self.train, self.cache_dir)

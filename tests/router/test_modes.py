@@ -71,7 +71,7 @@ def _caller(answers, log, failing=()):
     return call
 
 
-async def _by_length(query, answers, backends, absolute):
+async def _by_length(query, answers, backends):
     return [len(a) / 100 for a in answers], "scorer"
 
 

@@ -139,36 +139,6 @@ def test_save_load_round_trip_gives_the_same_scores_and_the_store_versions_it(tr
     assert metadata.kind == "scorer" and metadata.predictor.kind == "scorer" and metadata.validation_loss == trained.validation_loss
 
 
-def test_the_absolute_estimate_is_fitted_across_queries_and_kept_by_save_and_load(trained, tmp_path):
-    """`quality` (a cascade's threshold reads it) is a logistic fit over the ranking logit and the features on
-    the validation answers: there it fits the qualities better than the ranking score's Platt scaling. A
-    scorer saved without it (zero weights) falls back to `score`."""
-    validation = group_samples(trained.validation)
-    queries, answers = [g.prompt for g in validation for _ in g.answers], [a for g in validation for a in g.answers]
-    backends, qualities = [b for g in validation for b in g.backends], np.array([q for g in validation for q in g.qualities])
-    scorer = trained.predictor
-    absolute, ranked = np.array(scorer.quality(queries, answers, backends)), np.array(scorer.score_pairs(queries, answers, backends))
-
-    def bce(values: np.ndarray) -> float:
-        values = np.clip(values, 1e-4, 1 - 1e-4)
-        return float(-np.mean(qualities * np.log(values) + (1 - qualities) * np.log(1 - values)))
-
-    assert bce(absolute) < bce(ranked) and not np.allclose(absolute, ranked, atol=1e-3)
-    assert all(0.0 <= v <= 1.0 for v in absolute)
-    scorer.save(tmp_path / "saved")
-    again = AnswerScorer.load(tmp_path / "saved")
-    assert again.quality(queries[:5], answers[:5], backends[:5]) == pytest.approx(absolute[:5].tolist(), abs=1e-6)
-    from safetensors.torch import load_file, save_file
-
-    from router.predictors.models import WEIGHTS_FILE
-
-    weights = load_file(tmp_path / "saved" / WEIGHTS_FILE)
-    del weights["absolute"]  # as saved before the absolute estimate existed
-    save_file(weights, tmp_path / "saved" / WEIGHTS_FILE)
-    older = AnswerScorer.load(tmp_path / "saved")
-    assert older.quality(queries[:5], answers[:5], backends[:5]) == pytest.approx(ranked[:5].tolist(), abs=1e-6)
-
-
 def test_promotion_follows_the_validation_loss_on_the_candidates_split(trained):
     assert should_promote_scorer(trained, None).promote
     same = should_promote_scorer(trained, trained.predictor)
