@@ -92,7 +92,7 @@ def serve(args: argparse.Namespace) -> int:
         # Keep-alive longer than clients' idle-connection expiry (httpx 5 s, aiohttp 15 s): a server closing a
         # connection at the moment a client reuses it makes that request fail (seen in bench/overhead.py).
         uvicorn.run(create_app(service, authenticator), host=host, port=port, timeout_keep_alive=75,
-                    log_level=os.environ.get("LLM_ROUTER_LOG_LEVEL", "INFO").lower())
+                    log_level=os.environ.get("LLM_ROUTER_LOG_LEVEL", "INFO").lower(), access_log=config.server.access_log)
     except _Interrupted as stop:
         print(f"llm-router: {signal.Signals(stop.signum).name}: stopping", file=sys.stderr, flush=True)
     except LaunchError as exc:

@@ -168,7 +168,7 @@ class RouterProcess:
 
     def launch(self) -> None:
         env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith("LLM_ROUTER_")}
-        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", LLM_ROUTER_LOG_LEVEL="WARNING", **self.env)
+        env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "LLM_ROUTER_LOG_LEVEL": "WARNING", **self.env})
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "router.cli", "serve", "--config", str(self.config), "--port", str(self.port)],

@@ -19,7 +19,7 @@ from litestar.params import JSONBody
 from litestar.response import Stream
 from litestar.status_codes import HTTP_200_OK, HTTP_500_INTERNAL_SERVER_ERROR, HTTP_503_SERVICE_UNAVAILABLE
 
-from router.api.auth import Authenticator, Principal
+from router.api.auth import Authenticator, Principal, caller_of
 from router.api.dashboard import dashboard_routes
 from router.api.docs import openapi_config
 from router.api.limits import routing_request
@@ -125,22 +125,19 @@ async def json_body_guard(connection: ASGIConnection[Any, Any, Any, Any], _: Bas
         raise BadRequest(EMPTY_BODY, code="empty_body")
 
 
-async def provide_caller(request: Request[Any, Any, Any]) -> Principal:
-    return request.state.caller
-
-
 @post(
     "/v1/chat/completions", status_code=HTTP_200_OK, summary="OpenAI chat completion, routed", guards=[client_guard, json_body_guard]
 )
 async def chat_completions(
-    data: JSONBody[ChatCompletionRequest], service: NamedDependency[RouterService], caller: NamedDependency[Principal]
+    data: JSONBody[ChatCompletionRequest], service: NamedDependency[RouterService], request: Request[Any, Any, Any]
 ) -> Response[Any]:
-    request = routing_request(data, service.config.limits, service.pool)
+    tenant = caller_of(request).tenant
+    routing = routing_request(data, service.config.limits, service.pool)
     if data.stream:
-        events, routed = await service.chat_stream(request, caller.tenant)
+        events, routed = await service.chat_stream(routing, tenant)
         headers = {DECISION_HEADER: routed.decision_id, "Cache-Control": "no-cache"}
         return Stream(sse(events, routed), media_type="text/event-stream", headers=headers)
-    body, routed = await service.chat(request, caller.tenant)
+    body, routed = await service.chat(routing, tenant)
     body = openai_completion(body)
     body["router"] = router_info(routed).model_dump(mode="json")
     return Response(body, headers={DECISION_HEADER: routed.decision_id})
@@ -148,12 +145,12 @@ async def chat_completions(
 
 @post("/v1/route", status_code=HTTP_200_OK, summary="The routing decision alone, no generation", guards=[client_guard, json_body_guard])
 async def route(
-    data: JSONBody[ChatCompletionRequest], service: NamedDependency[RouterService], caller: NamedDependency[Principal]
+    data: JSONBody[ChatCompletionRequest], service: NamedDependency[RouterService], request: Request[Any, Any, Any]
 ) -> Response[RouteResponse]:
     if data.stream:
         raise BadRequest("stream: /v1/route returns the decision alone and generates nothing, so it cannot stream; "
                          "send stream=true to /v1/chat/completions", code="stream_not_supported")
-    routed = await service.route(routing_request(data, service.config.limits, service.pool), caller.tenant)
+    routed = await service.route(routing_request(data, service.config.limits, service.pool), caller_of(request).tenant)
     return Response(RouteResponse(router=router_info(routed)), headers={DECISION_HEADER: routed.decision_id})
 
 
@@ -162,10 +159,10 @@ async def route(
     guards=[client_guard, json_body_guard],
 )
 async def rewards(
-    data: JSONBody[RewardRequest], service: NamedDependency[RouterService], caller: NamedDependency[Principal]
+    data: JSONBody[RewardRequest], service: NamedDependency[RouterService], request: Request[Any, Any, Any]
 ) -> RewardResponse:
     preference = (data.winner, data.loser) if data.reward is None else None
-    result = await service.feedback(data.decision_id, caller.tenant, data.reward, preference)  # type: ignore[arg-type]
+    result = await service.feedback(data.decision_id, caller_of(request).tenant, data.reward, preference)  # type: ignore[arg-type]
     return RewardResponse(decision_id=result.decision_id, kind=result.kind, duplicate=result.duplicate)  # type: ignore[arg-type]
 
 
@@ -199,9 +196,9 @@ async def train_predictors(service: NamedDependency[RouterService]) -> dict[str,
 
 
 @get("/v1/models", summary="OpenAI model list: auto and every backend", guards=[client_guard])
-async def models(service: NamedDependency[RouterService], started: NamedDependency[int]) -> ModelList:
+async def models(service: NamedDependency[RouterService], request: Request[Any, Any, Any]) -> ModelList:
     names = ["auto", *service.pool.names()]
-    return ModelList(data=[ModelCard(id=name, created=started) for name in names])
+    return ModelList(data=[ModelCard(id=name, created=request.app.state.started) for name in names])
 
 
 def _availability(service: RouterService) -> dict[str, Any]:
@@ -249,18 +246,13 @@ def create_app(service: RouterService, authenticator: Authenticator | None = Non
     async def provide_service() -> RouterService:
         return service
 
-    started = int(time.time())
-
-    async def provide_started() -> int:
-        return started
-
     return Litestar(
         route_handlers=[
             chat_completions, route, rewards, policy_stats, set_active_policy, backends, config, train_predictors, models, health, ready,
             metrics, *dashboard_routes(admin_guard),
         ],
-        dependencies={"service": provide_service, "caller": provide_caller, "started": provide_started},
-        state=State({"authenticator": authenticator, "max_body_bytes": service.config.limits.max_body_bytes}),
+        dependencies={"service": provide_service},
+        state=State({"authenticator": authenticator, "max_body_bytes": service.config.limits.max_body_bytes, "started": int(time.time())}),
         request_max_body_size=service.config.limits.max_body_bytes,
         lifespan=[lifespan],
         exception_handlers={

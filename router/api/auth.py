@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from router.config import ApiKeyConfig, AuthConfig, ConfigError
 from router.errors import Forbidden, TooManyRequests, Unauthorized
@@ -141,3 +141,10 @@ class Authenticator:
             f"rate limit of key {key.name!r} reached ({key.requests_per_minute:g} requests per minute)",
             retry_after_s=math.ceil(wait),
         )
+
+
+def caller_of(connection: Any) -> Principal:
+    """Who sent the request, as the guard authenticated it (`connection.state.caller`). Handlers read it
+    here rather than as a second dependency: litestar resolves two dependencies of one handler in an anyio
+    task group on every request (8% of the event loop's time under reward load, py-spy)."""
+    return connection.state.caller

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from litestar import Response, Router, get
+from litestar import Request, Response, Router, get
 from litestar.datastructures import CacheControlHeader
 from litestar.di import NamedDependency
 from litestar.enums import MediaType
@@ -21,7 +21,7 @@ from litestar.params import Parameter
 from litestar.static_files import create_static_files_router
 from litestar.types import ControllerRouterHandler, Guard
 
-from router.api.auth import Principal
+from router.api.auth import caller_of
 from router.api.protocol import DashboardResponse
 from router.service import RouterService
 
@@ -42,13 +42,13 @@ async def dashboard_page() -> Response[bytes]:
 @get("/v1/dashboard", summary="The dashboard's series (rewards, off-policy estimates, spend) and the newest decisions (admin)")
 async def dashboard_data(
     service: NamedDependency[RouterService],
-    caller: NamedDependency[Principal],
+    request: Request[Any, Any, Any],
     window_s: Annotated[float, Parameter(ge=60, le=90 * 86400, description="How far back, in seconds.")] = 3600,
     buckets: Annotated[int, Parameter(ge=2, le=500, description="Steps the window is cut into.")] = 60,
     decisions: Annotated[int, Parameter(ge=0, le=500, description="How many of the newest decisions to list.")] = 50,
 ) -> DashboardResponse:
     timeline = await service.timeline(window_s, buckets, decisions)
-    return DashboardResponse.model_validate({**asdict(timeline), "caller": caller.tenant, "active_policy": service.active_policy})
+    return DashboardResponse.model_validate({**asdict(timeline), "caller": caller_of(request).tenant, "active_policy": service.active_policy})
 
 
 def dashboard_routes(admin_guard: Guard) -> list[ControllerRouterHandler]:

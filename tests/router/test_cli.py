@@ -59,3 +59,22 @@ def test_serve_starts_managed_backend_routes_and_stops_it(tmp_path):
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{backend_port}/health", timeout=2)
     assert (tmp_path / "logs" / "managed.log").stat().st_size > 0
+
+
+@pytest.mark.parametrize("access_log", [False, True])
+def test_serve_writes_an_access_line_per_request_only_when_configured(access_log, tmp_path):
+    from tests.conftest import RouterProcess
+    from tests.fake_backend import FakeVLLM
+
+    backend = FakeVLLM("fake")
+    extra = f"[server]\naccess_log = {'true' if access_log else 'false'}\n"
+    config = write_config(tmp_path / "router.toml", f"sqlite:///{tmp_path}/router.db", backend_table("fake", backend.port, 0.1, 0.2), extra)
+    router = RouterProcess(config, tmp_path / "router.log", env={"LLM_ROUTER_LOG_LEVEL": "INFO"})
+    try:
+        router.launch()
+        router.wait_ready()
+        assert httpx.get(f"{router.url}/v1/models", timeout=10).status_code == 200
+    finally:
+        router.stop()
+        backend.close()
+    assert ('"GET /v1/models HTTP/1.1" 200' in router.log.read_text()) is access_log, router.tail()
