@@ -184,7 +184,7 @@ class RouterService:
         if config.auto_migrate:
             migrate(self.db)
         self.store = Store(self.db)
-        self.writer = GroupWriter(self.db)
+        self.writer = GroupWriter(self.db, shared_log=config.cluster.enabled)
         self._record_feedback = functools.partial(record_feedback, refusal=self._feedback_refusal)  # one bulk: batched together
         self._outage: DatabaseUnavailable | None = None  # the database could not be reached, until a probe succeeds
         self.writer.on_outage, self.writer.on_commit = self._database_down, self._database_up

@@ -310,27 +310,26 @@ class RecordedFeedback:
 def record_feedback(
     session: Session, items: list[NewFeedback], refusal: Callable[[StoredDecision, NewFeedback], Exception | None] | None = None,
 ) -> list[RecordedFeedback | Exception]:
-    """Record feedback once per decision, for a whole batch with one read of the decisions, one of their
-    feedback and one executemany insert per kind. Per item: the recorded feedback, or the error that
+    """Record feedback once per decision, for a whole batch with one read of the decisions with their
+    feedback (a decision has at most one reward and one preference) and one executemany insert per kind. Per item: the recorded feedback, or the error that
     refused it (nothing written for it): an unknown decision, `refusal`'s verdict (who may give feedback,
     on what), or a conflict with the feedback already recorded (the same value again is a duplicate)."""
     ids = list(dict.fromkeys(item.decision_id for item in items))
-    found = {
-        row[0].id: (_stored(row[0]), _vector(row[1]))
-        for row in session.execute(
-            select(DecisionRow, QueryEmbedding.vector)
-            .outerjoin(QueryEmbedding, QueryEmbedding.id == DecisionRow.embedding_id)
-            .where(DecisionRow.id.in_(ids))
-        )
-    }
-    rewards: dict[str, tuple[int | None, float]] = {
-        d: (i, r) for i, d, r in session.execute(select(Reward.id, Reward.decision_id, Reward.reward).where(Reward.decision_id.in_(ids)))
-    }
-    preferences: dict[str, tuple[int | None, tuple[str, str]]] = {
-        d: (i, (w, lo)) for i, d, w, lo in session.execute(
-            select(Preference.id, Preference.decision_id, Preference.winner, Preference.loser).where(Preference.decision_id.in_(ids))
-        )
-    }
+    found: dict[str, tuple[StoredDecision, np.ndarray | None]] = {}
+    rewards: dict[str, tuple[int | None, float]] = {}
+    preferences: dict[str, tuple[int | None, tuple[str, str]]] = {}
+    for row, vector, reward_id, reward, preference_id, winner, loser in session.execute(
+        select(DecisionRow, QueryEmbedding.vector, Reward.id, Reward.reward, Preference.id, Preference.winner, Preference.loser)
+        .outerjoin(QueryEmbedding, QueryEmbedding.id == DecisionRow.embedding_id)
+        .outerjoin(Reward, Reward.decision_id == DecisionRow.id)
+        .outerjoin(Preference, Preference.decision_id == DecisionRow.id)
+        .where(DecisionRow.id.in_(ids))
+    ):
+        found[row.id] = (_stored(row), _vector(vector))
+        if reward_id is not None:
+            rewards[row.id] = (reward_id, reward)
+        if preference_id is not None:
+            preferences[row.id] = (preference_id, (winner, loser))
     results: list[Any] = [None] * len(items)
     fresh: dict[str, list[int]] = {"reward": [], "preference": []}  # positions of the items to insert
     for n, item in enumerate(items):
@@ -606,17 +605,20 @@ class GroupWriter:
     (e.g. learning from the reward) runs on the event loop right after that commit, before any other
     coroutine, so state derived from the log never lags what the log acknowledged.
 
-    On PostgreSQL a transaction with a `logged` write takes the log's advisory lock before that write (not
-    inside its savepoint: a rolled-back savepoint would release it) and holds it to the commit, so log
-    positions are in commit order across every process writing to the database; the commit notifies
-    the log's channel. A commit that fails because the database cannot be reached is reported to each
-    caller as `DatabaseUnavailable` (503).
+    With `shared_log` (several replicas on one PostgreSQL) a transaction with a `logged` write takes the
+    log's advisory lock before that write (not inside its savepoint: a rolled-back savepoint would release
+    it) and holds it to the commit, so log positions are in commit order across every process writing to
+    the database; the commit notifies the log's channel. One process alone commits one transaction at a
+    time and nobody follows its log, so it needs neither (two round trips of about ten per commit).
+
+    A commit that fails because the database cannot be reached is reported to each caller as
+    `DatabaseUnavailable` (503).
     """
 
-    def __init__(self, engine: Engine, max_batch: int = 512) -> None:
+    def __init__(self, engine: Engine, max_batch: int = 512, shared_log: bool = False) -> None:
         self.engine = engine
         self.max_batch = max_batch
-        self.postgres = is_postgres(engine)
+        self.ordered = shared_log and is_postgres(engine)  # take the log lock, notify the followers
         self.on_outage: Callable[[Exception], None] | None = None  # a commit failed: the database is unreachable
         self.on_commit: Callable[[], None] | None = None  # a commit succeeded
         self._channel: str | None = None
@@ -667,7 +669,7 @@ class GroupWriter:
             start = 0
             while start < len(jobs):
                 run = self._run_of(jobs, start)
-                if self.postgres and not locked and any(job.logged for job in run):
+                if self.ordered and not locked and any(job.logged for job in run):
                     session.execute(text(f"SELECT pg_advisory_xact_lock({lock_key_sql('log')})"))
                     locked = True
                 if isinstance(run[0].work, Batched):

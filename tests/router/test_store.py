@@ -124,7 +124,7 @@ async def test_log_positions_follow_commit_order_across_writers(pg_engine):
     pages through the log by position sees decision, outcome, reward in that order, and nothing twice."""
     from router.store import Store
 
-    writers = [GroupWriter(pg_engine), GroupWriter(pg_engine)]
+    writers = [GroupWriter(pg_engine, shared_log=True), GroupWriter(pg_engine, shared_log=True)]
     await asyncio.gather(*(writers[i % 2].submit(Batched(add_decisions, _decision(i))) for i in range(40)))
     await asyncio.gather(
         *(writers[i % 2].submit(lambda s, i=i: finish_decision(s, f"d{i}", Finish("ok", [], backend="b", cost_usd=1e-5))) for i in range(40)),
