@@ -195,7 +195,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 2,000 decisions, 2 s per endpoint")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 10,000 decisions, 2 s per endpoint")
     parser.add_argument("--endpoint", choices=(*ENDPOINTS, "both"), default="both")
     parser.add_argument("--embedder", choices=("transformer", "static"), default="transformer", help="[embedder] kind")
     parser.add_argument("--decisions", type=int, default=40_000, help="decisions filled (and rewardable; more than a run can use)")
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.endpoints = ENDPOINTS if args.endpoint == "both" else (args.endpoint,)
     if args.quick:
-        args.decisions, args.seconds = 2_000, 2.0
+        args.decisions, args.seconds = 10_000, 2.0  # more than 2 s of rewards can name, at 1,500/s and well beyond
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
         results = run(args, Path(tmp))
     ok = True
