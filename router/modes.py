@@ -284,13 +284,13 @@ async def run(
         answered: list[Call] = []
         verifying = plan_.judge == VERIFY
         for index, backend in enumerate(plan_.first):
-            answered += await ask([backend], "candidate", body)
-            if not answered:
+            fresh = await ask([backend], "candidate", body)
+            if not fresh:  # this step failed: the earlier answers were judged already, go on down the chain
                 continue
-            last = index + 1 >= len(plan_.first)
+            answered += fresh
             if not verifying:
-                await rate(answered[-1:])
-            if last:
+                await rate(fresh)
+            if index + 1 >= len(plan_.first):
                 break
             bar = threshold(plan_.first[index + 1])
             if bar is None:

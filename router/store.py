@@ -311,9 +311,10 @@ def record_feedback(
     session: Session, items: list[NewFeedback], refusal: Callable[[StoredDecision, NewFeedback], Exception | None] | None = None,
 ) -> list[RecordedFeedback | Exception]:
     """Record feedback once per decision, for a whole batch with one read of the decisions with their
-    feedback (a decision has at most one reward and one preference) and one executemany insert per kind. Per item: the recorded feedback, or the error that
-    refused it (nothing written for it): an unknown decision, `refusal`'s verdict (who may give feedback,
-    on what), or a conflict with the feedback already recorded (the same value again is a duplicate)."""
+    feedback (a decision has at most one reward and one preference) and one executemany insert per kind.
+    Per item: the recorded feedback, or the error that refused it (nothing written for it): an unknown
+    decision, `refusal`'s verdict (who may give feedback, on what), or a conflict with the feedback already
+    recorded (the same value again is a duplicate)."""
     ids = list(dict.fromkeys(item.decision_id for item in items))
     found: dict[str, tuple[StoredDecision, np.ndarray | None]] = {}
     rewards: dict[str, tuple[int | None, float]] = {}

@@ -94,8 +94,8 @@ def _verified(p_yes):
                                                                                "top_logprobs": top}]}}]}
 
 
-def _verifying_caller(answers, p_yes, log):
-    answer = _caller(answers, log)
+def _verifying_caller(answers, p_yes, log, failing=()):
+    answer = _caller(answers, log, failing)
 
     async def call(backend, role, body):
         if role != VERIFY:
@@ -131,6 +131,11 @@ def test_a_verified_cascade_asks_each_backend_to_check_its_answer_and_escalates_
     result = asyncio.run(run(cascade, "q", body, _verifying_caller(answers, {"cheap": 0.1, "mid": 0.2}, log), _by_length, lambda b: 0.6))
     assert [role for _, role, _ in log] == ["candidate", VERIFY, "candidate", VERIFY, "candidate"], "the last answer is not checked"
     assert result.delivered.backend == "dear", "every earlier answer failed its check: the last is delivered"
+    log.clear()
+    result = asyncio.run(run(cascade, "q", body, _verifying_caller(answers, {"cheap": 0.1}, log, failing={"mid"}), _by_length, lambda b: 0.6))
+    assert [(b, role) for b, role, _ in log] == [("cheap", "candidate"), ("cheap", VERIFY), ("mid", "candidate"), ("dear", "candidate")], \
+        "a failed step goes on down the chain without checking the earlier answer again"
+    assert result.delivered.backend == "dear"
 
 
 def test_a_verification_scores_the_probability_of_yes():
