@@ -95,3 +95,25 @@ def test_throughput_quick(tmp_path):
     for endpoint in ("route", "rewards"):
         load = report["endpoints"][endpoint]
         assert load["requests"] > 0 and load["non_2xx"] == 0 and load["consistent"], (endpoint, load)
+
+
+def test_modes_quick(tmp_path, fakes):
+    """Every answer-aware mode through the service in process, the verified cascade included, on two
+    OpenAI-compatible servers (the full run starts two CPU vLLM servers)."""
+    out = tmp_path / "modes.json"
+    urls = ",".join(f"http://127.0.0.1:{server.port}" for server in fakes)
+    run_script("modes.py", "--quick", "--backends-from", urls, "--out", str(out))
+    modes = json.loads(out.read_text())["modes"]
+    assert set(modes) == {"route", "cascade", "parallel", "fuse", "refine", "s2p", "cascade-verify"}
+    assert modes["route"]["calls_per_prompt"] == 1 and modes["fuse"]["calls_per_prompt"] == 3
+    assert modes["cascade-verify"]["calls_per_prompt"] == 3, "answer, a check that finds no Yes, the dear answer"
+
+
+@pytest.mark.postgres
+def test_replicas_quick(tmp_path):
+    from tests.conftest import PG_URL
+
+    out = tmp_path / "replicas.json"
+    run_script("replicas.py", "--quick", "--replicas", "2", "--database-url", PG_URL, "--out", str(out), timeout_s=600)
+    rows = json.loads(out.read_text())["results"]
+    assert [row["replicas"] for row in rows] == ["1 (one process)", 2] and all(row["failures"] == 0 for row in rows)
