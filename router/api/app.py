@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -238,6 +239,11 @@ def create_app(service: RouterService, authenticator: Authenticator | None = Non
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         await service.start()
+        # What start-up built (imported modules, the memory loaded from the database) lives as long as
+        # the process: freezing it keeps the cyclic collector's full scans (which made /v1/route's p99
+        # at concurrency 32 two and a half times longer) to the objects made since.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
