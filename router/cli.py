@@ -254,8 +254,8 @@ def replay_command(args: argparse.Namespace) -> int:
         if not 0 < args.train_fraction < 1:
             print("llm-router: --train-fraction must be between 0 and 1", file=sys.stderr)
             return 2
-        if args.peers or (args.budgets and args.mode == "route"):
-            print("llm-router: --train-fraction does not combine with --peers, nor with --budgets in mode route", file=sys.stderr)
+        if args.peers:
+            print("llm-router: --train-fraction does not combine with --peers", file=sys.stderr)
             return 2
         settings = train_settings(config).model_copy(update={"threads": os.cpu_count() or 1})
         train = TrainFraction(args.train_fraction, settings)

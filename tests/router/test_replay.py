@@ -500,6 +500,24 @@ def test_warm_start_flag_is_reported_and_needs_a_history_part(tmp_path, capsys):
     assert cold["warm_start"] is False and "cold" in cold["history_use"]
 
 
+def test_a_budget_sweep_with_a_history_part_routes_the_part_after_it(tmp_path, capsys):
+    """Single-call policies' cost-quality curves on the same routed prompts as a cascade's (whose sweep
+    needs the history part): `--budgets` with `--train-fraction`."""
+    from router.cli import main
+
+    data = _unseen(tmp_path)
+    out = tmp_path / "sweep"
+    assert main(["replay", "--data", str(data), "--policy", "thompson", "--train-fraction", "0.5", "--warm-start",
+                 "--budgets", "6e-6,1e-3", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["train_fraction"] == 0.5 and report["n_routed"] == 20
+    tight, loose = report["budget_sweep"]
+    assert (tight["budget_usd"], loose["budget_usd"]) == (6e-6, 1e-3)
+    # warm-started, thompson knows b is better; only the loose budget pays for it
+    assert tight["mean_cost_usd"] < loose["mean_cost_usd"] and tight["shares"]["a"] > loose["shares"]["a"]
+    assert report["aiq"] > 0
+
+
 def test_mf_trains_on_the_history_part_and_routes_the_rest(tmp_path, embedder):
     sample = Path(__file__).parent.parent / "data" / "llmrouter_sample.jsonl"
     reports = run(sample, ["mf", "thompson"], [0], None, tmp_path / "out", embedder, cache_dir=tmp_path, train=TrainFraction(0.5))
