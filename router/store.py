@@ -25,6 +25,7 @@ import functools
 import hashlib
 import heapq
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -578,6 +579,10 @@ def take_rate_token(engine: Engine, name: str, capacity: float, per_second: floa
 Bulk = Callable[[Session, list[Any]], list[Any]]
 
 
+def _shared(name: str | None) -> str | None:
+    return None if name is None else sys.intern(name)
+
+
 @dataclass(frozen=True, slots=True)
 class Batched:
     """A write done together with the other writes of the same `bulk` in its commit: `bulk(session, items)`
@@ -788,9 +793,9 @@ class Store:
             while rows := cursor.fetchmany(batch):
                 ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
                 vectors = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.float32).reshape(len(rows), -1)
-                entries = [
-                    MemoryEntry(decision_id, backend if done else (chosen or backend), reward,
-                                (winner, loser) if winner else None, tokens if done else None)
+                entries = [  # backend names shared: the driver makes a new string per row (a million at start)
+                    MemoryEntry(decision_id, _shared(backend if done else (chosen or backend)), reward,
+                                (_shared(winner), _shared(loser)) if winner else None, tokens if done else None)
                     for _, _, decision_id, backend, reward, winner, loser, tokens, chosen, done in rows
                 ]
                 yield ids, vectors, entries
