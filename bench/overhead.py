@@ -80,10 +80,10 @@ class Counts:
     deadline_s: float  # per phase
 
 
-FULL = Counts(warmup=30, route_c1=300, route_idle=40, route_c32=2000, e2e=50, e2e_warmup=5, deadline_s=180.0)
 # A chat call leaves the router idle while the backend generates (a CPU vLLM answers one token in ~0.25 s);
 # an idle router runs its next request from cold caches, so the chat overhead is an idle router's latency.
 IDLE_PAUSE_S = 0.25
+FULL = Counts(warmup=30, route_c1=300, route_idle=40, route_c32=2000, e2e=50, e2e_warmup=5, deadline_s=180.0)
 QUICK = Counts(warmup=5, route_c1=30, route_idle=4, route_c32=200, e2e=8, e2e_warmup=2, deadline_s=60.0)
 
 

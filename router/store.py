@@ -579,10 +579,6 @@ def take_rate_token(engine: Engine, name: str, capacity: float, per_second: floa
 Bulk = Callable[[Session, list[Any]], list[Any]]
 
 
-def _shared(name: str | None) -> str | None:
-    return None if name is None else sys.intern(name)
-
-
 @dataclass(frozen=True, slots=True)
 class Batched:
     """A write done together with the other writes of the same `bulk` in its commit: `bulk(session, items)`
@@ -728,6 +724,11 @@ class GroupWriter:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+
+
+def _shared(name: str | None) -> str | None:
+    """One string object per backend name, however many rows carry it."""
+    return None if name is None else sys.intern(name)
 
 
 class Store:
