@@ -51,6 +51,15 @@ def test_overhead_quick(tmp_path, fakes):
     assert sum(server.chats for server in fakes) > 0  # the pinned chat went through the router to a backend
 
 
+def test_paired_quick(tmp_path, fakes):
+    out = tmp_path / "paired.json"
+    urls = ",".join(f"http://127.0.0.1:{server.port}" for server in fakes)
+    run_script("paired.py", "--quick", "--base", str(ROOT), "--backends-from", urls, "--out", str(out))
+    report = json.loads(out.read_text())
+    assert {side: result["requests"] for side, result in report["results"].items()} == {"base": 10, "change": 10}
+    assert all(result["p50_ms"] > 0 for result in report["results"].values())
+
+
 def test_load_quick(tmp_path, sqlite_url, fakes, start_router):
     backends = backend_table("fake-a", fakes[0].port, 0.1, 0.2) + backend_table("fake-b", fakes[1].port, 1.0, 2.0)
     router = start_router(write_config(tmp_path / "router.toml", sqlite_url, backends))
