@@ -1,10 +1,11 @@
-"""Paired A/B of `/v1/route` at concurrency 1: two checkouts' routers side by side, the same requests in turn.
+"""Paired A/B of `/v1/route` (or a routed chat) at concurrency 1: two checkouts' routers side by side, the same requests in turn.
 
 Run from the repository root of the change (a few minutes; the backends are never called):
 
     git worktree add /tmp/base main && ln -s "$PWD/.venv" /tmp/base/.venv
     .venv/bin/python bench/paired.py --base /tmp/base --backends-from http://127.0.0.1:8001,http://127.0.0.1:8002
     .venv/bin/python bench/paired.py --base /tmp/base --backends-from ... --idle       # 0.25 s between requests
+    .venv/bin/python bench/paired.py --base /tmp/base --backends-from ... --endpoint chat --idle  # routed chats, max_tokens=1
     .venv/bin/python bench/paired.py --base /tmp/base --backends-from ... --quick      # a smoke run
 
 Why: on a shared 2-core machine, back-to-back runs of bench/overhead.py drift by more than the 0.2-0.5 ms a
@@ -51,6 +52,7 @@ from bench.overhead import (  # noqa: E402 - run as a script: the repository's p
 )
 
 IDLE_PAUSE_S = 0.25  # as bench/overhead.py's idle row: the router waits while a backend generates
+PATHS = {"route": "/v1/route", "chat": "/v1/chat/completions"}
 
 
 def start(checkout: Path, workdir: Path, backends: list[Any], embedder: str | None) -> tuple[subprocess.Popen[bytes], str, Path]:
@@ -69,7 +71,8 @@ def start(checkout: Path, workdir: Path, backends: list[Any], embedder: str | No
 
 
 def measure(client: httpx.Client, sides: dict[str, tuple[subprocess.Popen[bytes], str]], prompts: list[str], blocks: int, per_block: int,
-            warmup: int, pause_s: float) -> dict[str, dict[str, Any]]:
+            warmup: int, pause_s: float, endpoint: str) -> dict[str, dict[str, Any]]:
+    """`endpoint` "route": `/v1/route`; "chat": a routed chat completion (`model: auto`) with max_tokens=1."""
     latencies: dict[str, list[float]] = {name: [] for name in sides}
     cpu: dict[str, list[float]] = {name: [] for name in sides}
     sent = 0
@@ -78,10 +81,13 @@ def measure(client: httpx.Client, sides: dict[str, tuple[subprocess.Popen[bytes]
         nonlocal sent
         sent += 1
         started = time.perf_counter()
-        response = client.post(f"{url}/v1/route", json=route_body(f"{prompts[sent % len(prompts)]} (#{sent})"))  # every query new
+        body = route_body(f"{prompts[sent % len(prompts)]} (#{sent})")  # every query new
+        if endpoint == "chat":
+            body["max_tokens"] = 1
+        response = client.post(f"{url}{PATHS[endpoint]}", json=body)
         elapsed = (time.perf_counter() - started) * 1000
         if response.status_code != 200:
-            raise SystemExit(f"bench: /v1/route answered {response.status_code}: {response.text[:300]}")
+            raise SystemExit(f"bench: {PATHS[endpoint]} answered {response.status_code}: {response.text[:300]}")
         return elapsed
 
     for _, url in sides.values():
@@ -117,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--change", default=str(ROOT), help="checkout with the change (default: this one)")
     parser.add_argument("--backends-from", required=True, help="comma-separated base URLs of running OpenAI-compatible servers")
     parser.add_argument("--embedder", choices=("transformer", "static"), default="static", help="[embedder] kind (default: %(default)s)")
+    parser.add_argument("--endpoint", choices=tuple(PATHS), default="route", help="what each request is (default: %(default)s)")
     parser.add_argument("--blocks", type=int, default=20, help="blocks per side (default: %(default)s)")
     parser.add_argument("--idle", action="store_true", help=f"{IDLE_PAUSE_S} s between requests (as around a chat call)")
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
@@ -133,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             wait_healthy(process, url, len(backends), log)
         with httpx.Client(timeout=30.0, trust_env=False) as client:
             results = measure(client, {name: (p, url) for name, (p, url, _) in started.items()}, load_prompts(), blocks, per_block,
-                              warmup, IDLE_PAUSE_S if args.idle else 0.0)
+                              warmup, IDLE_PAUSE_S if args.idle else 0.0, args.endpoint)
     finally:
         for process, _, _ in started.values():
             stop_router(process, [])
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<8}{checkout[-39:]:<40}{r['p50_ms']:>9.2f}{r['p90_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['router_cpu_ms_per_request'] or 0:>9.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"quick": args.quick, "idle": args.idle, "embedder": args.embedder, "base": args.base, "change": args.change,
+    report = {"quick": args.quick, "endpoint": args.endpoint, "idle": args.idle, "embedder": args.embedder, "base": args.base, "change": args.change,
               "blocks": blocks, "per_block": per_block, "results": results}
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"bench: wrote {out}" + (" (quick run: indicative only)" if args.quick else ""))
