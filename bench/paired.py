@@ -1,6 +1,6 @@
 """Paired A/B of `/v1/route` (or a routed chat) at concurrency 1: two checkouts' routers side by side, the same requests in turn.
 
-Run from the repository root of the change (a few minutes; the backends are never called):
+Run from the repository root of the change (a few minutes; `/v1/route` never calls the backends, a chat does):
 
     git worktree add /tmp/base main && ln -s "$PWD/.venv" /tmp/base/.venv
     .venv/bin/python bench/paired.py --base /tmp/base --backends-from http://127.0.0.1:8001,http://127.0.0.1:8002
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     backends = remote_backends(args.backends_from)
     workdir = Path(tempfile.mkdtemp(prefix="llm-router-paired-"))
     started: dict[str, tuple[subprocess.Popen[bytes], str, Path]] = {}
+    failed = True
     try:
         for name, checkout in (("base", args.base), ("change", args.change)):
             started[name] = start(Path(checkout).resolve(), workdir / name, backends, args.embedder)
@@ -141,10 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         with httpx.Client(timeout=30.0, trust_env=False) as client:
             results = measure(client, {name: (p, url) for name, (p, url, _) in started.items()}, load_prompts(), blocks, per_block,
                               warmup, IDLE_PAUSE_S if args.idle else 0.0, args.endpoint)
+        failed = False
     finally:
         for process, _, _ in started.values():
             stop_router(process, [])
-    shutil.rmtree(workdir, ignore_errors=True)
+        if failed:
+            print(f"bench: the routers' logs are kept in {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     print(f"{'side':<8}{'checkout':<40}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'CPU ms':>9}")
     for name, checkout in (("base", args.base), ("change", args.change)):
         r = results[name]

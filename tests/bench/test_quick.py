@@ -58,6 +58,9 @@ def test_paired_quick(tmp_path, fakes):
     report = json.loads(out.read_text())
     assert {side: result["requests"] for side, result in report["results"].items()} == {"base": 10, "change": 10}
     assert all(result["p50_ms"] > 0 for result in report["results"].values())
+    run_script("paired.py", "--quick", "--base", str(ROOT), "--backends-from", urls, "--endpoint", "chat", "--out", str(out))
+    assert json.loads(out.read_text())["endpoint"] == "chat"
+    assert sum(server.chats for server in fakes) >= 2 * 13, "every routed chat (warm-up included) reached a backend"
 
 
 def test_load_quick(tmp_path, sqlite_url, fakes, start_router):
